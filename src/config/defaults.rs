@@ -1,0 +1,56 @@
+//! Built-in defaults: every value a config file may leave out, documented in one place.
+
+use std::time::Duration;
+
+/// Where the proxy listens when nothing else is configured.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the admin listener (`/healthz`, `/readyz`) listens.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// The upstream when none is configured (the conventional local app port).
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:3000";
+/// Largest request body buffered on idempotent routes (10 MiB); larger ones get 413.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
+/// Largest response body recorded for replay (10 MiB); larger ones are streamed and recorded without body.
+pub const DEFAULT_MAX_RESPONSE_BODY: u64 = 10 * 1024 * 1024;
+/// Bound on the whole handling of one request, waiting included.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to send its request headers (slowloris bound).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful shutdown waits for requests in flight before giving up.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// TCP connect timeout to the upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one upstream exchange (headers and recorded body).
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// sled data directory.
+pub const DEFAULT_STORE_PATH: &str = "data";
+/// sled page cache; sled's own default (1 GiB) is far too large for a sidecar.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+/// How often expired records are swept from disk.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often `sync = "periodic"` makes writes durable.
+pub const DEFAULT_PERIODIC_FLUSH: Duration = Duration::from_millis(500);
+/// Key prefix of every Redis key.
+pub const DEFAULT_KEY_PREFIX: &str = "idemproxy:";
+/// Methods under idempotency rules.
+pub const DEFAULT_METHODS: [&str; 2] = ["POST", "PATCH"];
+/// The request header that carries the client's key.
+pub const DEFAULT_KEY_HEADER: &str = "Idempotency-Key";
+/// How long a completed result is replayed.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an in-flight claim outlives a dead owner.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// How long `on_in_flight = "wait"` waits for the first request.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Headers whose values scope a key (tenants never share keys).
+pub const DEFAULT_SCOPE_HEADERS: [&str; 1] = ["Authorization"];
+/// Headers that are part of the request fingerprint.
+pub const DEFAULT_FINGERPRINT_HEADERS: [&str; 1] = ["Content-Type"];
+/// Upstream statuses that are not recorded: the key is freed for a retry.
+pub const DEFAULT_RELEASE_STATUSES: [u16; 5] = [408, 429, 502, 503, 504];
+/// Status sent to duplicates when `store_response = false`.
+pub const DEFAULT_DUPLICATE_STATUS: u16 = 200;
+/// Name of the rule set used by requests that match no `[[routes]]` entry.
+pub const DEFAULT_ROUTE_NAME: &str = "default";
+/// Longest client key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 255;

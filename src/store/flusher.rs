@@ -1,0 +1,206 @@
+//! Group commit for sled: one thread calls `Db::flush` and every write that finished before that flush
+//! started is durable when it returns.
+//!
+//! Why a dedicated thread: sled 0.34's `flush_async` deadlocks when called concurrently (sled#1308), and
+//! a blocking `flush` per request would serialise requests behind one fsync each. Here writers only bump
+//! a sequence number and wait; while one flush runs, the writes that arrive queue up and share the next
+//! one, so under load the cost of an fsync is split among every request waiting on it.
+//!
+//! Protocol: a writer finishes its sled write, then takes `seq = written + 1` and waits for
+//! `flushed >= seq`. The flusher reads `target = written` *before* calling `flush`, so a flush that
+//! reports `target` started after each of those writes completed and covers them.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    thread,
+    time::Duration,
+};
+
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+type Waiter = (u64, oneshot::Sender<Result<(), Arc<sled::Error>>>);
+
+#[derive(Debug, Default)]
+struct State {
+    waiters: Vec<Waiter>,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    written: AtomicU64,
+    flushed: AtomicU64,
+    flushes: AtomicU64,
+    failed: AtomicBool,
+}
+
+/// Counters for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// Writes that asked to be durable.
+    pub writes: u64,
+    /// `fsync`s performed.
+    pub flushes: u64,
+}
+
+/// Handle to the flusher thread; dropping the last handle stops it after a final flush.
+#[derive(Debug)]
+pub(crate) struct Flusher {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Flusher {
+    /// Starts the flusher for `db`. With `every = Some(d)` it also flushes on its own every `d`
+    /// (`sync = "periodic"`), so it stays the only caller of `flush`.
+    pub(crate) fn start(db: sled::Db, every: Option<Duration>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        });
+        let s = Arc::clone(&shared);
+        let handle = thread::Builder::new()
+            .name("idemproxy-flush".into())
+            .spawn(move || run(&db, &s, every))?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Notes that a write finished; returns the sequence number to wait for.
+    pub(crate) fn wrote(&self) -> u64 {
+        self.shared.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Waits until every write up to `seq` is durable (immediately if it already is).
+    pub(crate) async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        if self.shared.flushed.load(Ordering::SeqCst) >= seq {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&self.shared.state);
+            if st.stop {
+                return Err(StoreError::Closed);
+            }
+            st.waiters.push((seq, tx));
+        }
+        self.shared.wake.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Backend {
+                backend: "sled",
+                source: Box::new(SharedError(e)),
+            }),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Waits until every write made so far is durable.
+    pub(crate) async fn durable_now(&self) -> Result<(), StoreError> {
+        self.durable(self.shared.written.load(Ordering::SeqCst)).await
+    }
+
+    /// Whether the last flush failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
+    /// Counters so far.
+    pub(crate) fn stats(&self) -> FlushStats {
+        FlushStats {
+            writes: self.shared.written.load(Ordering::Relaxed),
+            flushes: self.shared.flushes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the thread after a final flush, and waits for it.
+    pub(crate) fn stop(&self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.wake.notify_one();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(db: &sled::Db, s: &Shared, every: Option<Duration>) {
+    loop {
+        let stop = {
+            let mut st = lock(&s.state);
+            while st.waiters.is_empty() && !st.stop {
+                match every {
+                    Some(d) => {
+                        let (g, timeout) = s.wake.wait_timeout(st, d).unwrap_or_else(|e| e.into_inner());
+                        st = g;
+                        if timeout.timed_out() {
+                            break;
+                        }
+                    }
+                    None => st = s.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+                }
+            }
+            st.stop
+        };
+        // Read the target before flushing: every write numbered <= target completed before this point.
+        let target = s.written.load(Ordering::SeqCst);
+        let result = db.flush().map(|_| ()).map_err(Arc::new);
+        s.flushes.fetch_add(1, Ordering::Relaxed);
+        s.failed.store(result.is_err(), Ordering::SeqCst);
+        if result.is_ok() {
+            s.flushed.fetch_max(target, Ordering::SeqCst);
+        }
+        let ready: Vec<Waiter> = {
+            let mut st = lock(&s.state);
+            let (ready, rest) = std::mem::take(&mut st.waiters)
+                .into_iter()
+                .partition(|(seq, _)| *seq <= target || result.is_err());
+            st.waiters = rest;
+            ready
+        };
+        for (_, tx) in ready {
+            let _ = tx.send(result.clone());
+        }
+        if stop {
+            let st = lock(&s.state);
+            if st.waiters.is_empty() {
+                return;
+            }
+        }
+    }
+}
+
+/// A sled error shared by every waiter of one failed flush.
+#[derive(Debug)]
+struct SharedError(Arc<sled::Error>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "flush failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for SharedError {}

@@ -1,0 +1,165 @@
+//! The store: where claims and results live, behind one [`Store`] trait.
+//!
+//! # Record state machine (one per [`StoreKey`])
+//! ```text
+//!              claim (atomic)                 complete(token) — token must match
+//!   Absent ───────────────────▶ InFlight ─────────────────────────────▶ Completed
+//!     ▲                          │   │  ▲                                   │
+//!     │  release(token)          │   │  │ claim after the lease deadline,   │
+//!     ├──────────────────────────┘   │  │ owner gone: takeover, NEW token   │
+//!     │                              └──┘                                   │
+//!     │            TTL passed (reads treat it as Absent; the sweeper deletes)│
+//!     └─────────────────────────────────────────────────────────────────────┘
+//! ```
+//! - `claim` is the only way in, and it is atomic (sled compare-and-swap): of any number of concurrent
+//!   claimers exactly one gets [`ClaimOutcome::Claimed`].
+//! - Every claim gets a fresh fencing token, larger than any before it. `complete` and `release` with a
+//!   token that is no longer the record's (the lease expired and someone took over) change nothing and
+//!   answer [`Committed::Stale`]: a late owner can never overwrite the taker's result.
+//! - A live owner keeps its claim however long its upstream call runs: the store remembers which tokens
+//!   belong to live owners of this process ([`Store::abandon`] forgets one). The lease deadline, which is
+//!   persisted, only bounds how long a claim outlives a dead owner, e.g. across a crash and restart.
+//! - A completed record past its TTL is never returned: reads check `expires_ms`; the sweeper removes it
+//!   from disk later.
+//! - With [`crate::config::SyncPolicy::Always`] a claim is durable before `claim` returns and a result
+//!   before `complete` returns.
+
+mod flusher;
+pub mod memory;
+pub mod record;
+pub mod sled;
+mod watch;
+
+#[cfg(test)]
+mod conformance;
+
+use std::{fmt::Debug, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::key::{Fingerprint, StoreKey};
+pub use record::{Completed, DecodeError, InFlight, Record};
+pub use watch::KeyWatch;
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key is ours: forward, then `complete` or `release` with this token.
+    Claimed {
+        /// Fencing token of this claim.
+        token: u64,
+    },
+    /// Another request holds the key.
+    InFlight {
+        /// Fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+        /// Time left on its lease (at least 1 s when the owner is alive past its deadline).
+        retry_after: Duration,
+    },
+    /// The key has a recorded result.
+    Completed(Completed),
+}
+
+/// Whether a `complete`/`release` took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// It did.
+    Done,
+    /// The token is no longer the record's (taken over, purged or expired): nothing changed.
+    Stale,
+}
+
+/// A result to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewResult {
+    /// Upstream status.
+    pub status: u16,
+    /// End-to-end headers, `Set-Cookie` removed.
+    pub headers: Vec<(String, Bytes)>,
+    /// Body (empty when omitted).
+    pub body: Bytes,
+    /// The body was over `max_response_body`.
+    pub body_omitted: bool,
+    /// Keep only the fact that the key was seen.
+    pub seen_only: bool,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Expired records deleted.
+    pub expired: u64,
+    /// Index entries looked at.
+    pub scanned: u64,
+}
+
+/// A store failure (outer error of every operation; expected outcomes are in the `Ok` value).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, connection).
+    #[error("{backend} store failed: {source}")]
+    Backend {
+        /// `sled`, `redis`, …
+        backend: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(#[from] DecodeError),
+    /// The store is shut down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The store behind the proxy. Implementations: [`memory::MemoryStore`] (reference model, tests) and
+/// [`sled::SledStore`] (embedded, durable). See the module docs for the state machine every
+/// implementation follows; `conformance` tests check it on each.
+#[async_trait]
+pub trait Store: Send + Sync + Debug + 'static {
+    /// Atomically claims `key` for a request with fingerprint `fp`, or says who has it.
+    async fn claim(&self, key: &StoreKey, fp: Fingerprint, lease: Duration) -> Result<ClaimOutcome, StoreError>;
+
+    /// Records the result of the claim `token`, kept for `ttl`.
+    async fn complete(&self, key: &StoreKey, token: u64, result: NewResult, ttl: Duration) -> Result<Committed, StoreError>;
+
+    /// Frees the key held by `token`, so the next request with it is forwarded.
+    async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError>;
+
+    /// The live record of `key` (never an expired completed one).
+    async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError>;
+
+    /// Every live record of a (route, key) digest, one per scope.
+    async fn list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError>;
+
+    /// Deletes every record of a (route, key) digest; returns how many there were.
+    async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError>;
+
+    /// A watch that fires when `key` is completed, released or purged. Subscribe *before* the claim
+    /// whose outcome you will wait on, so no change can slip between the two.
+    fn watch(&self, key: &StoreKey) -> KeyWatch;
+
+    /// The owner of `token` is gone without completing or releasing (it crashed): from now on its claim
+    /// lives only until its lease deadline.
+    fn abandon(&self, token: u64);
+
+    /// Deletes expired records (completed past TTL, claims past their lease whose owner is gone).
+    async fn sweep(&self) -> Result<SweepStats, StoreError>;
+
+    /// Makes every write so far durable.
+    async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Checks that the store answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Backend name for logs and metrics.
+    fn backend(&self) -> &'static str;
+}
+
+/// Seconds to tell a client to wait: time left on a lease, rounded up, at least one second.
+pub(crate) fn retry_after(deadline_ms: u64, now_ms: u64) -> Duration {
+    let left = deadline_ms.saturating_sub(now_ms);
+    Duration::from_secs(left.div_ceil(1000).max(1))
+}

@@ -1,0 +1,411 @@
+//! The embedded, durable store on sled 0.34.
+//!
+//! Trees: `records` (store key → encoded [`Record`]), `expiry` (big-endian unix ms ‖ store key → empty),
+//! `meta` (schema version). Every state change is a `compare_and_swap` on `records`, retried from a fresh
+//! read when it loses a race, so two claimers can never both win. The expiry index entry is written
+//! *before* the record it points to: a crash in between leaves an orphan index entry (removed when its
+//! time comes) rather than a record the sweeper would never find. The sweeper re-reads each record
+//! before deleting it, so a stale index entry never deletes a live record.
+//!
+//! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once the write is
+//! flushed (group commit, see `flusher`), and a replay waits for any flush still pending, so a client
+//! never sees a result that a crash could take back. sled flushes with `sync_file_range` on Linux: this
+//! survives a process crash (kill -9); it is weaker than `fdatasync` against power loss.
+//!
+//! sled calls are synchronous but short (in-memory tree operations); the fsync runs on the flusher
+//! thread and the sweep in `spawn_blocking`.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+
+use super::{
+    flusher::{FlushStats, Flusher},
+    retry_after,
+    watch::{LiveOwners, Watchers},
+    ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError, SweepStats,
+};
+use crate::{
+    clock::Clock,
+    config::SyncPolicy,
+    key::{Fingerprint, StoreKey},
+};
+
+/// Most index entries one sweep looks at, so a sweep never holds up shutdown for long.
+const SWEEP_BATCH: usize = 100_000;
+
+/// How the sled store is opened.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// Data directory.
+    pub path: std::path::PathBuf,
+    /// Durability policy.
+    pub sync: SyncPolicy,
+    /// Page cache in bytes.
+    pub cache_capacity: u64,
+    /// Flush interval for `sync = "periodic"`.
+    pub periodic_flush: Duration,
+}
+
+/// The sled store. Cheap to clone (shared inside).
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: sled::Db,
+    records: sled::Tree,
+    expiry: sled::Tree,
+    flusher: Flusher,
+    sync: SyncPolicy,
+    live: LiveOwners,
+    watchers: Arc<Watchers>,
+    clock: Arc<dyn Clock>,
+}
+
+fn backend_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend {
+        backend: "sled",
+        source: Box::new(e),
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        backend_err(e)
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store at `opts.path`. Fails at once if another process has it open.
+    pub fn open(opts: &SledOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(&opts.path)
+            .cache_capacity(opts.cache_capacity)
+            // The flusher thread is the only caller of flush (see `flusher`).
+            .flush_every_ms(None)
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema")? {
+            None => {
+                meta.insert("schema", &[super::record::SCHEMA_VERSION])?;
+            }
+            Some(v) if v.as_ref() == [super::record::SCHEMA_VERSION] => {}
+            Some(v) => {
+                return Err(backend_err(std::io::Error::other(format!(
+                    "{} was written by an unknown schema version {:?}",
+                    opts.path.display(),
+                    v.as_ref()
+                ))))
+            }
+        }
+        let records = db.open_tree("records")?;
+        let expiry = db.open_tree("expiry")?;
+        let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
+        let flusher = Flusher::start(db.clone(), every).map_err(backend_err)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                records,
+                expiry,
+                flusher,
+                sync: opts.sync,
+                live: LiveOwners::default(),
+                watchers: Arc::default(),
+                clock,
+            }),
+        })
+    }
+
+    /// Bytes used on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// Group-commit counters.
+    pub fn flush_stats(&self) -> FlushStats {
+        self.inner.flusher.stats()
+    }
+
+    /// Number of records (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.inner.records.len()
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.inner.records.is_empty()
+    }
+
+    /// Final flush and stop of the flusher thread.
+    pub fn close(&self) {
+        self.inner.flusher.stop();
+    }
+}
+
+impl Inner {
+    /// A record that no longer counts: completed past its TTL, or a claim past its lease whose owner is
+    /// not alive in this process.
+    fn lapsed(&self, rec: &Record, now: u64) -> bool {
+        match rec {
+            Record::InFlight(f) => f.deadline_ms <= now && !self.live.contains(f.token),
+            Record::Completed(c) => c.expires_ms <= now,
+        }
+    }
+
+    /// Waits until the writes made so far are durable (no-op with `sync = "periodic"`).
+    async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        match self.sync {
+            SyncPolicy::Always => self.flusher.durable(seq).await,
+            SyncPolicy::Periodic => Ok(()),
+        }
+    }
+
+    fn index(&self, at_ms: u64, key: &[u8; 64]) -> Result<(), StoreError> {
+        let mut k = [0u8; 72];
+        k[..8].copy_from_slice(&at_ms.to_be_bytes());
+        k[8..].copy_from_slice(key);
+        self.expiry.insert(k, &[])?;
+        Ok(())
+    }
+
+    /// One compare-and-swap; `Ok(false)` when another writer got there first.
+    fn cas(&self, key: &[u8; 64], old: Option<&sled::IVec>, new: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        Ok(self.records.compare_and_swap(key, old, new)?.is_ok())
+    }
+
+    fn sweep_blocking(&self) -> Result<SweepStats, StoreError> {
+        let now = self.clock.now_ms();
+        let end = now.saturating_add(1).to_be_bytes();
+        let mut stats = SweepStats::default();
+        for item in self.expiry.range(..end.as_slice()).take(SWEEP_BATCH) {
+            let (ik, _) = item?;
+            stats.scanned += 1;
+            let Some(key) = ik.get(8..).and_then(StoreKey::from_bytes) else {
+                self.expiry.remove(&ik)?;
+                continue;
+            };
+            let at = ik.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+            let kb = key.to_bytes();
+            let mut keep_entry = false;
+            if let Some(cur) = self.records.get(kb)? {
+                if let Ok(rec) = Record::decode(&cur) {
+                    if self.lapsed(&rec, now) {
+                        if self.cas(&kb, Some(&cur), None)? {
+                            stats.expired += 1;
+                            self.watchers.notify(&key);
+                        }
+                    } else if Some(rec.expiry_ms()) == at {
+                        // A live owner past its deadline: look again next time.
+                        keep_entry = true;
+                    }
+                }
+            }
+            if !keep_entry {
+                self.expiry.remove(&ik)?;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn claim(&self, key: &StoreKey, fp: Fingerprint, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        let s = &*self.inner;
+        let kb = key.to_bytes();
+        loop {
+            let now = s.clock.now_ms();
+            let cur = s.records.get(kb)?;
+            if let Some(bytes) = &cur {
+                let rec = Record::decode(bytes)?;
+                if !s.lapsed(&rec, now) {
+                    return Ok(match rec {
+                        Record::InFlight(f) => ClaimOutcome::InFlight {
+                            fingerprint: f.fingerprint,
+                            retry_after: retry_after(f.deadline_ms, now),
+                        },
+                        Record::Completed(c) => {
+                            // The record may have been written by a request whose flush is still
+                            // pending: never replay what a crash could take back.
+                            if s.sync == SyncPolicy::Always {
+                                s.flusher.durable_now().await?;
+                            }
+                            ClaimOutcome::Completed(c)
+                        }
+                    });
+                }
+            }
+            // Fencing token: sled's id generator is monotonic across restarts and crashes.
+            let token = s.db.generate_id()? + 1;
+            let rec = Record::InFlight(InFlight {
+                token,
+                created_ms: now,
+                deadline_ms: now.saturating_add(lease.as_millis() as u64),
+                fingerprint: fp,
+            });
+            s.index(rec.expiry_ms(), &kb)?;
+            let encoded = rec.encode();
+            if !s.cas(&kb, cur.as_ref(), Some(encoded.clone()))? {
+                continue; // lost the race: look again
+            }
+            s.live.insert(token);
+            if let Err(e) = s.durable(s.flusher.wrote()).await {
+                // Not durable: take the claim back so the client's retry is not refused for a lease.
+                s.live.remove(token);
+                let _ = s.cas(&kb, Some(&sled::IVec::from(encoded)), cur.map(|c| c.to_vec()));
+                return Err(e);
+            }
+            return Ok(ClaimOutcome::Claimed { token });
+        }
+    }
+
+    async fn complete(&self, key: &StoreKey, token: u64, result: NewResult, ttl: Duration) -> Result<Committed, StoreError> {
+        let s = &*self.inner;
+        let kb = key.to_bytes();
+        loop {
+            let cur = s.records.get(kb)?;
+            let f = match cur.as_deref().map(Record::decode).transpose()? {
+                Some(Record::InFlight(f)) if f.token == token => f,
+                _ => {
+                    s.live.remove(token);
+                    return Ok(Committed::Stale);
+                }
+            };
+            let rec = Record::Completed(Completed {
+                created_ms: f.created_ms,
+                expires_ms: s.clock.now_ms().saturating_add(ttl.as_millis() as u64),
+                fingerprint: f.fingerprint,
+                status: result.status,
+                headers: result.headers.clone(),
+                body: result.body.clone(),
+                body_omitted: result.body_omitted,
+                seen_only: result.seen_only,
+            });
+            s.index(rec.expiry_ms(), &kb)?;
+            if !s.cas(&kb, cur.as_ref(), Some(rec.encode()))? {
+                continue;
+            }
+            s.live.remove(token);
+            let durable = s.durable(s.flusher.wrote()).await;
+            s.watchers.notify(key);
+            durable?;
+            return Ok(Committed::Done);
+        }
+    }
+
+    async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
+        let s = &*self.inner;
+        let kb = key.to_bytes();
+        loop {
+            let cur = s.records.get(kb)?;
+            match cur.as_deref().map(Record::decode).transpose()? {
+                Some(Record::InFlight(f)) if f.token == token => {}
+                _ => {
+                    s.live.remove(token);
+                    return Ok(Committed::Stale);
+                }
+            }
+            if !s.cas(&kb, cur.as_ref(), None)? {
+                continue;
+            }
+            s.live.remove(token);
+            let durable = s.durable(s.flusher.wrote()).await;
+            s.watchers.notify(key);
+            durable?;
+            return Ok(Committed::Done);
+        }
+    }
+
+    async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        let s = &*self.inner;
+        let now = s.clock.now_ms();
+        let Some(bytes) = s.records.get(key.to_bytes())? else {
+            return Ok(None);
+        };
+        let rec = Record::decode(&bytes)?;
+        Ok((!matches!(&rec, Record::Completed(c) if c.expires_ms <= now)).then_some(rec))
+    }
+
+    async fn list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError> {
+        let s = &*self.inner;
+        let now = s.clock.now_ms();
+        let mut out = Vec::new();
+        for item in s.records.scan_prefix(id) {
+            let (k, v) = item?;
+            let (Some(key), rec) = (StoreKey::from_bytes(&k), Record::decode(&v)?) else {
+                continue;
+            };
+            if !matches!(&rec, Record::Completed(c) if c.expires_ms <= now) {
+                out.push((key, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
+        let s = &*self.inner;
+        let mut n = 0;
+        for item in s.records.scan_prefix(id) {
+            let (k, v) = item?;
+            if s.cas(&<[u8; 64]>::try_from(k.as_ref()).map_err(backend_err_len)?, Some(&v), None)? {
+                n += 1;
+                if let Some(key) = StoreKey::from_bytes(&k) {
+                    s.watchers.notify(&key);
+                }
+            }
+        }
+        s.durable(s.flusher.wrote()).await?;
+        Ok(n)
+    }
+
+    fn watch(&self, key: &StoreKey) -> KeyWatch {
+        self.inner.watchers.subscribe(key)
+    }
+
+    fn abandon(&self, token: u64) {
+        self.inner.live.remove(token);
+    }
+
+    async fn sweep(&self) -> Result<SweepStats, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.sweep_blocking())
+            .await
+            .map_err(backend_err)?
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flusher.durable_now().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.inner.flusher.failed() {
+            return Err(backend_err(std::io::Error::other("the last flush to disk failed")));
+        }
+        self.inner.records.get([0u8; 1])?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sled"
+    }
+}
+
+fn backend_err_len(_: std::array::TryFromSliceError) -> StoreError {
+    backend_err(std::io::Error::other("record key of unexpected length"))
+}
+
+/// Opens the store at `path` with default options (tests, tools).
+pub fn open_default(path: &Path, sync: SyncPolicy, clock: Arc<dyn Clock>) -> Result<SledStore, StoreError> {
+    SledStore::open(
+        &SledOptions {
+            path: path.to_owned(),
+            sync,
+            cache_capacity: crate::config::defaults::DEFAULT_CACHE_CAPACITY,
+            periodic_flush: crate::config::defaults::DEFAULT_PERIODIC_FLUSH,
+        },
+        clock,
+    )
+}

@@ -1,0 +1,84 @@
+//! In-process bookkeeping shared by the backends: who waits on which key, and which claims belong to
+//! live owners of this process.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use tokio::sync::watch;
+
+use crate::key::StoreKey;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent (single insert/remove).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Per-key change notifications for waiters (`on_in_flight = "wait"`), woken in-process.
+#[derive(Debug, Default)]
+pub(crate) struct Watchers {
+    map: Mutex<HashMap<StoreKey, watch::Sender<()>>>,
+}
+
+/// A subscription to changes of one key; see [`super::Store::watch`].
+#[derive(Debug)]
+pub struct KeyWatch {
+    rx: watch::Receiver<()>,
+    key: StoreKey,
+    owner: Arc<Watchers>,
+}
+
+impl KeyWatch {
+    /// Resolves once the key has changed since the subscription was made.
+    pub async fn changed(&mut self) {
+        // Err means the sender was dropped, which only happens after it was notified: both mean "look again".
+        let _ = self.rx.changed().await;
+    }
+}
+
+impl Drop for KeyWatch {
+    fn drop(&mut self) {
+        let mut map = lock(&self.owner.map);
+        if let Some(tx) = map.get(&self.key) {
+            // This receiver is still counted while it is being dropped.
+            if tx.receiver_count() <= 1 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Watchers {
+    pub(crate) fn subscribe(self: &Arc<Self>, key: &StoreKey) -> KeyWatch {
+        let mut map = lock(&self.map);
+        let tx = map.entry(*key).or_insert_with(|| watch::channel(()).0);
+        KeyWatch {
+            rx: tx.subscribe(),
+            key: *key,
+            owner: Arc::clone(self),
+        }
+    }
+
+    pub(crate) fn notify(&self, key: &StoreKey) {
+        if let Some(tx) = lock(&self.map).remove(key) {
+            tx.send_replace(());
+        }
+    }
+}
+
+/// Fencing tokens of claims whose owner is alive in this process.
+#[derive(Debug, Default)]
+pub(crate) struct LiveOwners(Mutex<HashSet<u64>>);
+
+impl LiveOwners {
+    pub(crate) fn insert(&self, token: u64) {
+        lock(&self.0).insert(token);
+    }
+    pub(crate) fn remove(&self, token: u64) {
+        lock(&self.0).remove(&token);
+    }
+    pub(crate) fn contains(&self, token: u64) -> bool {
+        lock(&self.0).contains(&token)
+    }
+}

@@ -1,0 +1,34 @@
+//! Shared harness for the black-box tests of the `idemproxy` binary.
+//!
+//! - [`upstream`]: a real hyper HTTP/1.1 upstream on 127.0.0.1 (own thread and runtime) that counts every hit
+//!   and offers the anyonce fixture routes plus test helpers (event-driven gates, header echo, cookies).
+//! - [`proxy`]: spawns the real binary on a config written into a tempdir, waits for its `listening on` line,
+//!   signals it (SIGTERM / SIGKILL) and restarts it on the same data dir.
+//! - [`client`]: a bounded-time HTTP client over real TCP (hyper) and a raw-TCP client for odd requests.
+//! - [`wait`]: bounded `eventually` polling and timeouts.
+//!
+//! Every wait in here is bounded; nothing sleeps where an event can be awaited.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod client;
+pub mod proxy;
+pub mod upstream;
+pub mod wait;
+
+pub use client::{raw_exchange, send, try_send, RawConn, Resp};
+pub use proxy::{run_cli, CliOutput, Proxy, ProxyBuilder};
+pub use upstream::{dead_addr, Upstream};
+pub use wait::{eventually, within};
+
+/// Shorthand for the most common call: a POST with an `Idempotency-Key` and a text body.
+pub async fn post_key(addr: std::net::SocketAddr, path: &str, key: &str, body: &str) -> Resp {
+    send(
+        addr,
+        "POST",
+        path,
+        &[("Idempotency-Key", key), ("Content-Type", "text/plain")],
+        body,
+    )
+    .await
+}
