@@ -13,14 +13,14 @@
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
 //! - [`app`]: wires the pieces together for `idemproxy run` and `idemproxy demo`.
 
-//pub mod admin;
-//pub mod app;
-//pub mod cli;
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod clock;
 pub mod config;
-//pub mod demo;
+pub mod demo;
 pub mod key;
-//pub mod proxy;
-//pub mod server;
+pub mod proxy;
+pub mod server;
 pub mod store;
-//pub mod telemetry;
+pub mod telemetry;

@@ -247,7 +247,10 @@ pub enum StoreErrorMode {
 
 impl Config {
     /// Reads, overrides and validates a config file; `None` means built-in defaults.
-    pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Self, ConfigErrors> {
+    pub fn load(
+        path: Option<&std::path::Path>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigErrors> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|e| {
                 ConfigErrors(vec![ConfigError {
@@ -265,7 +268,10 @@ impl Config {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigErrors(vec![ConfigError {
                 path: "config".into(),
-                reason: format!("invalid TOML: {}", e.to_string().trim_end().replace('\n', " ")),
+                reason: format!(
+                    "invalid TOML: {}",
+                    e.to_string().trim_end().replace('\n', " ")
+                ),
             }])
         })?;
         validate::build(table, overrides)
@@ -276,6 +282,9 @@ impl Config {
         if route == defaults::DEFAULT_ROUTE_NAME {
             return Some(&self.defaults);
         }
-        self.routes.iter().find(|r| r.name == route).map(|r| &r.rule)
+        self.routes
+            .iter()
+            .find(|r| r.name == route)
+            .map(|r| &r.rule)
     }
 }

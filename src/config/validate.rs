@@ -12,8 +12,9 @@ use http::{HeaderName, Method, StatusCode, Uri};
 use super::{
     defaults::*,
     file::{Problems, RawSize, Section},
-    AdminConfig, Backend, Config, ConfigErrors, FingerprintMode, InFlightMode, KeySource, Overrides,
-    Route, Rule, ServerConfig, StoreConfig, StoreErrorMode, SyncPolicy, TlsConfig, UpstreamConfig,
+    AdminConfig, Backend, Config, ConfigErrors, FingerprintMode, InFlightMode, KeySource,
+    Overrides, Route, Rule, ServerConfig, StoreConfig, StoreErrorMode, SyncPolicy, TlsConfig,
+    UpstreamConfig,
 };
 
 /// Builds the typed config, or every problem found.
@@ -30,10 +31,22 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
     let routes = root.take_table_list("routes", &mut p);
     root.finish(&mut p);
 
-    let server = read_server(server.unwrap_or_else(|| Section::new("server", Default::default())), &mut p);
-    let upstream = read_upstream(upstream.unwrap_or_else(|| Section::new("upstream", Default::default())), &mut p);
-    let store = read_store(store.unwrap_or_else(|| Section::new("store", Default::default())), &mut p);
-    let admin = read_admin(admin.unwrap_or_else(|| Section::new("admin", Default::default())), &mut p);
+    let server = read_server(
+        server.unwrap_or_else(|| Section::new("server", Default::default())),
+        &mut p,
+    );
+    let upstream = read_upstream(
+        upstream.unwrap_or_else(|| Section::new("upstream", Default::default())),
+        &mut p,
+    );
+    let store = read_store(
+        store.unwrap_or_else(|| Section::new("store", Default::default())),
+        &mut p,
+    );
+    let admin = read_admin(
+        admin.unwrap_or_else(|| Section::new("admin", Default::default())),
+        &mut p,
+    );
 
     let builtin = builtin_rule();
     let mut dsec = defaults.unwrap_or_else(|| Section::new("defaults", Default::default()));
@@ -52,7 +65,10 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
         let rule = part.merge_onto(&defaults, &base, &mut p);
         let name = match name {
             None => {
-                p.push(format!("{base}.name"), "missing: every route needs a unique name");
+                p.push(
+                    format!("{base}.name"),
+                    "missing: every route needs a unique name",
+                );
                 None
             }
             Some(n) if n.is_empty() => {
@@ -60,18 +76,27 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
                 None
             }
             Some(n) if n == DEFAULT_ROUTE_NAME => {
-                p.push(format!("{base}.name"), "\"default\" is reserved for [defaults]");
+                p.push(
+                    format!("{base}.name"),
+                    "\"default\" is reserved for [defaults]",
+                );
                 None
             }
             Some(n) if !names.insert(n.clone()) => {
-                p.push(format!("{base}.name"), format!("duplicate route name \"{n}\""));
+                p.push(
+                    format!("{base}.name"),
+                    format!("duplicate route name \"{n}\""),
+                );
                 None
             }
             Some(n) => Some(n),
         };
         let path = match path {
             None => {
-                p.push(format!("{base}.path"), "missing: a glob such as \"/v1/payments/**\"");
+                p.push(
+                    format!("{base}.path"),
+                    "missing: a glob such as \"/v1/payments/**\"",
+                );
                 None
             }
             Some(g) if !g.starts_with('/') => {
@@ -169,10 +194,15 @@ fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConfig> {
 }
 
 fn read_upstream(mut s: Section, p: &mut Problems) -> Option<UpstreamConfig> {
-    let raw = s.take_str("url", p).unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
+    let raw = s
+        .take_str("url", p)
+        .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
     let url = match raw.parse::<Uri>() {
         Ok(u) if !matches!(u.scheme_str(), Some("http" | "https")) => {
-            p.push(s.path_of("url"), format!("\"{raw}\": the scheme must be http or https"));
+            p.push(
+                s.path_of("url"),
+                format!("\"{raw}\": the scheme must be http or https"),
+            );
             None
         }
         Ok(u) if u.authority().is_none() => {
@@ -180,7 +210,10 @@ fn read_upstream(mut s: Section, p: &mut Problems) -> Option<UpstreamConfig> {
             None
         }
         Ok(u) if u.query().is_some() => {
-            p.push(s.path_of("url"), format!("\"{raw}\": a query is not allowed"));
+            p.push(
+                s.path_of("url"),
+                format!("\"{raw}\": a query is not allowed"),
+            );
             None
         }
         Ok(u) => Some(u),
@@ -206,11 +239,16 @@ fn read_store(mut s: Section, p: &mut Problems) -> Option<StoreConfig> {
         None | Some("sled") => Some(Backend::Sled),
         Some("redis") => Some(Backend::Redis),
         Some(other) => {
-            p.push(s.path_of("backend"), format!("\"{other}\": expected \"sled\" or \"redis\""));
+            p.push(
+                s.path_of("backend"),
+                format!("\"{other}\": expected \"sled\" or \"redis\""),
+            );
             None
         }
     };
-    let path = s.take_str("path", p).unwrap_or_else(|| DEFAULT_STORE_PATH.to_owned());
+    let path = s
+        .take_str("path", p)
+        .unwrap_or_else(|| DEFAULT_STORE_PATH.to_owned());
     if path.is_empty() {
         p.push(s.path_of("path"), "must not be empty");
     }
@@ -218,7 +256,10 @@ fn read_store(mut s: Section, p: &mut Problems) -> Option<StoreConfig> {
         None | Some("always") => Some(SyncPolicy::Always),
         Some("periodic") => Some(SyncPolicy::Periodic),
         Some(other) => {
-            p.push(s.path_of("sync"), format!("\"{other}\": expected \"always\" or \"periodic\""));
+            p.push(
+                s.path_of("sync"),
+                format!("\"{other}\": expected \"always\" or \"periodic\""),
+            );
             None
         }
     };
@@ -227,12 +268,20 @@ fn read_store(mut s: Section, p: &mut Problems) -> Option<StoreConfig> {
     let redis_url = s.take_str("redis_url", p);
     if let Some(u) = &redis_url {
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-            p.push(s.path_of("redis_url"), format!("\"{u}\": expected redis:// or rediss://"));
+            p.push(
+                s.path_of("redis_url"),
+                format!("\"{u}\": expected redis:// or rediss://"),
+            );
         }
     } else if backend == Some(Backend::Redis) {
-        p.push(s.path_of("redis_url"), "missing: backend = \"redis\" needs redis_url");
+        p.push(
+            s.path_of("redis_url"),
+            "missing: backend = \"redis\" needs redis_url",
+        );
     }
-    let key_prefix = s.take_str("key_prefix", p).unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+    let key_prefix = s
+        .take_str("key_prefix", p)
+        .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
     s.finish(p);
     Some(StoreConfig {
         backend: backend?,
@@ -249,7 +298,10 @@ fn read_admin(mut s: Section, p: &mut Problems) -> Option<AdminConfig> {
     let listen = addr(&mut s, "listen", DEFAULT_ADMIN_LISTEN, p);
     let token = s.take_str("token", p);
     if token.as_deref() == Some("") {
-        p.push(s.path_of("token"), "must not be empty (leave it out to disable /admin/*)");
+        p.push(
+            s.path_of("token"),
+            "must not be empty (leave it out to disable /admin/*)",
+        );
     }
     s.finish(p);
     Some(AdminConfig {
@@ -307,7 +359,10 @@ fn builtin_rule() -> Rule {
 fn read_rule(s: &mut Section, p: &mut Problems, is_route: bool) -> PartialRule {
     let enabled = s.take_bool("enabled", p);
     if enabled.is_some() && !is_route {
-        p.push(s.path_of("enabled"), "only [[routes]] entries can be disabled");
+        p.push(
+            s.path_of("enabled"),
+            "only [[routes]] entries can be disabled",
+        );
     }
     let methods = s.take_str_list("methods", p).and_then(|list| {
         let mut out = Vec::new();
@@ -317,7 +372,10 @@ fn read_rule(s: &mut Section, p: &mut Problems, is_route: bool) -> PartialRule {
                 Ok(m) if !m.as_str().is_empty() => out.push(m),
                 _ => {
                     ok = false;
-                    p.push(format!("{}[{i}]", s.path_of("methods")), format!("invalid method \"{m}\""));
+                    p.push(
+                        format!("{}[{i}]", s.path_of("methods")),
+                        format!("invalid method \"{m}\""),
+                    );
                 }
             }
         }
@@ -359,7 +417,10 @@ fn read_rule(s: &mut Section, p: &mut Problems, is_route: bool) -> PartialRule {
         Some("reject") => Some(InFlightMode::Reject),
         Some("wait") => Some(InFlightMode::Wait),
         Some(other) => {
-            p.push(s.path_of("on_in_flight"), format!("\"{other}\": expected \"reject\" or \"wait\""));
+            p.push(
+                s.path_of("on_in_flight"),
+                format!("\"{other}\": expected \"reject\" or \"wait\""),
+            );
             None
         }
     };
@@ -399,7 +460,10 @@ fn read_rule(s: &mut Section, p: &mut Problems, is_route: bool) -> PartialRule {
     let store_response = s.take_bool("store_response", p);
     let duplicate_status = s.take_int("duplicate_status", p).and_then(|n| {
         status(n).or_else(|| {
-            p.push(s.path_of("duplicate_status"), format!("{n} is not an HTTP status (100-599)"));
+            p.push(
+                s.path_of("duplicate_status"),
+                format!("{n} is not an HTTP status (100-599)"),
+            );
             None
         })
     });
@@ -408,7 +472,10 @@ fn read_rule(s: &mut Section, p: &mut Problems, is_route: bool) -> PartialRule {
         Some("reject") => Some(StoreErrorMode::Reject),
         Some("pass") => Some(StoreErrorMode::Pass),
         Some(other) => {
-            p.push(s.path_of("on_store_error"), format!("\"{other}\": expected \"reject\" or \"pass\""));
+            p.push(
+                s.path_of("on_store_error"),
+                format!("\"{other}\": expected \"reject\" or \"pass\""),
+            );
             None
         }
     };
@@ -450,7 +517,10 @@ impl PartialRule {
             Some(_) => match self.json_pointer.or(inherited_pointer) {
                 Some(ptr) => KeySource::Json(ptr),
                 None => {
-                    p.push(format!("{path}.json_pointer"), "missing: key = \"json\" needs json_pointer");
+                    p.push(
+                        format!("{path}.json_pointer"),
+                        "missing: key = \"json\" needs json_pointer",
+                    );
                     KeySource::Json(String::new())
                 }
             },
@@ -465,7 +535,9 @@ impl PartialRule {
             lease: self.lease.unwrap_or(base.lease),
             on_in_flight: self.on_in_flight.unwrap_or(base.on_in_flight),
             wait_timeout: self.wait_timeout.unwrap_or(base.wait_timeout),
-            scope_headers: self.scope_headers.unwrap_or_else(|| base.scope_headers.clone()),
+            scope_headers: self
+                .scope_headers
+                .unwrap_or_else(|| base.scope_headers.clone()),
             fingerprint_headers: self
                 .fingerprint_headers
                 .unwrap_or_else(|| base.fingerprint_headers.clone()),
@@ -493,7 +565,10 @@ fn header_list(s: &mut Section, key: &str, p: &mut Problems) -> Option<Vec<Heade
             Some(n) => out.push(n),
             None => {
                 ok = false;
-                p.push(format!("{}[{i}]", s.path_of(key)), format!("invalid header name \"{h}\""));
+                p.push(
+                    format!("{}[{i}]", s.path_of(key)),
+                    format!("invalid header name \"{h}\""),
+                );
             }
         }
     }
@@ -549,7 +624,10 @@ fn size(s: &mut Section, key: &str, default: u64, p: &mut Problems) -> Option<u6
         Some(RawSize::Text(t)) => parse_size(&t),
     };
     if bytes.is_none() {
-        p.push(s.path_of(key), "invalid size (expected bytes or a string like \"10MiB\")");
+        p.push(
+            s.path_of(key),
+            "invalid size (expected bytes or a string like \"10MiB\")",
+        );
     }
     bytes
 }
@@ -614,10 +692,25 @@ mod tests {
             "#,
         );
         assert!(e.contains(&"server.lisen: unknown key".to_owned()), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("server.max_request_body: invalid size")), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("defaults.on_in_flight: \"maybe\"")), "{e:?}");
-        assert!(e.contains(&"routes[1].ttl: invalid duration \"1x\"".to_owned()), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("routes[1].release_statuses[1]: 999")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("server.max_request_body: invalid size")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("defaults.on_in_flight: \"maybe\"")),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"routes[1].ttl: invalid duration \"1x\"".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("routes[1].release_statuses[1]: 999")),
+            "{e:?}"
+        );
         assert_eq!(e.len(), 5, "{e:?}");
     }
 
@@ -658,10 +751,25 @@ mod tests {
             path = "/x"
             "#,
         );
-        assert!(e.contains(&"routes[0].json_pointer: missing: key = \"json\" needs json_pointer".to_owned()), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("routes[1].name: duplicate")), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("routes[1].path: \"nope\" must start with /")), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("routes[2].name: missing")), "{e:?}");
+        assert!(
+            e.contains(
+                &"routes[0].json_pointer: missing: key = \"json\" needs json_pointer".to_owned()
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.starts_with("routes[1].name: duplicate")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("routes[1].path: \"nope\" must start with /")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.starts_with("routes[2].name: missing")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -680,11 +788,23 @@ mod tests {
             "#,
         );
         assert!(e.iter().any(|l| l.starts_with("upstream.url:")), "{e:?}");
-        assert!(e.iter().any(|l| l.starts_with("store.redis_url: missing")), "{e:?}");
+        assert!(
+            e.iter().any(|l| l.starts_with("store.redis_url: missing")),
+            "{e:?}"
+        );
         assert!(e.iter().any(|l| l.starts_with("store.sync:")), "{e:?}");
-        assert!(e.contains(&"defaults.required: expected true or false, found string".to_owned()), "{e:?}");
-        assert!(e.contains(&"defaults.methods[1]: expected a string, found integer".to_owned()), "{e:?}");
-        assert!(e.contains(&"defaults.ttl: must be greater than zero".to_owned()), "{e:?}");
+        assert!(
+            e.contains(&"defaults.required: expected true or false, found string".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"defaults.methods[1]: expected a string, found integer".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"defaults.ttl: must be greater than zero".to_owned()),
+            "{e:?}"
+        );
     }
 
     #[test]

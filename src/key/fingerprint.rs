@@ -81,26 +81,55 @@ mod tests {
     fn fp(mode: FingerprintMode, ct: &'static str, body: &[u8]) -> Fingerprint {
         let mut h = HeaderMap::new();
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
-        fingerprint(mode, &Method::POST, "/pay?x=1", &[http::header::CONTENT_TYPE], &h, body)
+        fingerprint(
+            mode,
+            &Method::POST,
+            "/pay?x=1",
+            &[http::header::CONTENT_TYPE],
+            &h,
+            body,
+        )
     }
 
     #[test]
     fn body_and_content_type_matter() {
         let a = fp(FingerprintMode::Raw, "application/json", b"{\"a\":1}");
-        assert_eq!(a, fp(FingerprintMode::Raw, "application/json", b"{\"a\":1}"));
-        assert_ne!(a, fp(FingerprintMode::Raw, "application/json", b"{\"a\":2}"));
+        assert_eq!(
+            a,
+            fp(FingerprintMode::Raw, "application/json", b"{\"a\":1}")
+        );
+        assert_ne!(
+            a,
+            fp(FingerprintMode::Raw, "application/json", b"{\"a\":2}")
+        );
         assert_ne!(a, fp(FingerprintMode::Raw, "text/plain", b"{\"a\":1}"));
         assert!(!a.matches(&fp(FingerprintMode::Raw, "text/plain", b"{\"a\":1}")));
     }
 
     #[test]
     fn json_mode_ignores_key_order_and_whitespace() {
-        let a = fp(FingerprintMode::Json, "application/json", b"{\"a\":1,\"b\":[1,2]}");
-        let b = fp(FingerprintMode::Json, "application/json", b"{ \"b\": [1, 2],\n \"a\": 1 }");
+        let a = fp(
+            FingerprintMode::Json,
+            "application/json",
+            b"{\"a\":1,\"b\":[1,2]}",
+        );
+        let b = fp(
+            FingerprintMode::Json,
+            "application/json",
+            b"{ \"b\": [1, 2],\n \"a\": 1 }",
+        );
         assert_eq!(a, b);
         assert_ne!(
-            fp(FingerprintMode::Raw, "application/json", b"{\"a\":1,\"b\":[1,2]}"),
-            fp(FingerprintMode::Raw, "application/json", b"{ \"b\": [1, 2],\n \"a\": 1 }")
+            fp(
+                FingerprintMode::Raw,
+                "application/json",
+                b"{\"a\":1,\"b\":[1,2]}"
+            ),
+            fp(
+                FingerprintMode::Raw,
+                "application/json",
+                b"{ \"b\": [1, 2],\n \"a\": 1 }"
+            )
         );
     }
 

@@ -37,20 +37,44 @@ mod tests {
 
     #[test]
     fn pointer_values() {
-        assert_eq!(json_pointer_key(br#"{"id":"evt_1"}"#, "/id"), Ok(Some("evt_1".into())));
-        assert_eq!(json_pointer_key(br#"{"id":42}"#, "/id"), Ok(Some("42".into())));
-        assert_eq!(json_pointer_key(br#"{"a":{"b":"x"}}"#, "/a/b"), Ok(Some("x".into())));
+        assert_eq!(
+            json_pointer_key(br#"{"id":"evt_1"}"#, "/id"),
+            Ok(Some("evt_1".into()))
+        );
+        assert_eq!(
+            json_pointer_key(br#"{"id":42}"#, "/id"),
+            Ok(Some("42".into()))
+        );
+        assert_eq!(
+            json_pointer_key(br#"{"a":{"b":"x"}}"#, "/a/b"),
+            Ok(Some("x".into()))
+        );
         assert_eq!(json_pointer_key(br#"{"other":1}"#, "/id"), Ok(None));
-        assert_eq!(json_pointer_key(br#"{"id":{}}"#, "/id"), Err(JsonKeyError::WrongType));
-        assert_eq!(json_pointer_key(br#"{"id":true}"#, "/id"), Err(JsonKeyError::WrongType));
-        assert_eq!(json_pointer_key(br#"{"id":1.5}"#, "/id"), Err(JsonKeyError::WrongType));
-        assert_eq!(json_pointer_key(b"not json", "/id"), Err(JsonKeyError::NotJson));
+        assert_eq!(
+            json_pointer_key(br#"{"id":{}}"#, "/id"),
+            Err(JsonKeyError::WrongType)
+        );
+        assert_eq!(
+            json_pointer_key(br#"{"id":true}"#, "/id"),
+            Err(JsonKeyError::WrongType)
+        );
+        assert_eq!(
+            json_pointer_key(br#"{"id":1.5}"#, "/id"),
+            Err(JsonKeyError::WrongType)
+        );
+        assert_eq!(
+            json_pointer_key(b"not json", "/id"),
+            Err(JsonKeyError::NotJson)
+        );
     }
 
     #[test]
     fn deep_nesting_is_refused_not_a_crash() {
         let deep = "[".repeat(100_000);
-        assert_eq!(json_pointer_key(deep.as_bytes(), "/0"), Err(JsonKeyError::NotJson));
+        assert_eq!(
+            json_pointer_key(deep.as_bytes(), "/0"),
+            Err(JsonKeyError::NotJson)
+        );
         assert_eq!(canonical_json(deep.as_bytes()), None);
     }
 }

@@ -130,8 +130,14 @@ impl fmt::Debug for IdempotencyKey {
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t')).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -149,7 +155,12 @@ impl StoreKey {
     pub const LEN: usize = 64;
 
     /// Derives the store key of a client key on a route, scoped by the given headers' values.
-    pub fn derive(route: &str, key: &IdempotencyKey, scope_headers: &[HeaderName], headers: &HeaderMap) -> Self {
+    pub fn derive(
+        route: &str,
+        key: &IdempotencyKey,
+        scope_headers: &[HeaderName],
+        headers: &HeaderMap,
+    ) -> Self {
         Self {
             id: Self::id_of(route, key.as_str()),
             scope: scope_digest(scope_headers, headers),
@@ -195,7 +206,12 @@ impl StoreKey {
 
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StoreKey({}/{})", hex::encode(&self.id[..4]), hex::encode(&self.scope[..4]))
+        write!(
+            f,
+            "StoreKey({}/{})",
+            hex::encode(&self.id[..4]),
+            hex::encode(&self.scope[..4])
+        )
     }
 }
 
@@ -227,23 +243,56 @@ mod tests {
     #[test]
     fn bare_and_quoted_keys_are_the_same() {
         assert_eq!(IdempotencyKey::from_header(b"abc").unwrap().as_str(), "abc");
-        assert_eq!(IdempotencyKey::from_header(b"\"abc\"").unwrap().as_str(), "abc");
-        assert_eq!(IdempotencyKey::from_header(b"  abc ").unwrap().as_str(), "abc");
-        assert_eq!(IdempotencyKey::from_header(br#""a\"b""#).unwrap().as_str(), "a\"b");
+        assert_eq!(
+            IdempotencyKey::from_header(b"\"abc\"").unwrap().as_str(),
+            "abc"
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(b"  abc ").unwrap().as_str(),
+            "abc"
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(br#""a\"b""#).unwrap().as_str(),
+            "a\"b"
+        );
     }
 
     #[test]
     fn invalid_keys() {
         assert_eq!(IdempotencyKey::from_header(b""), Err(KeyError::Empty));
         assert_eq!(IdempotencyKey::from_header(b"\"\""), Err(KeyError::Empty));
-        assert_eq!(IdempotencyKey::from_header(b"a b"), Err(KeyError::InvalidChar));
-        assert_eq!(IdempotencyKey::from_header(b"\"a b\""), Err(KeyError::InvalidChar));
-        assert_eq!(IdempotencyKey::from_header(b"a\tb"), Err(KeyError::InvalidChar));
-        assert_eq!(IdempotencyKey::from_header("é".as_bytes()), Err(KeyError::InvalidChar));
-        assert_eq!(IdempotencyKey::from_header(b"\"abc"), Err(KeyError::BadSfString));
-        assert_eq!(IdempotencyKey::from_header(b"\"abc\"x"), Err(KeyError::BadSfString));
-        assert_eq!(IdempotencyKey::from_header(br#""a\b""#), Err(KeyError::BadSfString));
-        assert_eq!(IdempotencyKey::from_header(&[b'a'; 256]), Err(KeyError::TooLong));
+        assert_eq!(
+            IdempotencyKey::from_header(b"a b"),
+            Err(KeyError::InvalidChar)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(b"\"a b\""),
+            Err(KeyError::InvalidChar)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(b"a\tb"),
+            Err(KeyError::InvalidChar)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header("é".as_bytes()),
+            Err(KeyError::InvalidChar)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(b"\"abc"),
+            Err(KeyError::BadSfString)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(b"\"abc\"x"),
+            Err(KeyError::BadSfString)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(br#""a\b""#),
+            Err(KeyError::BadSfString)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(&[b'a'; 256]),
+            Err(KeyError::TooLong)
+        );
         assert!(IdempotencyKey::from_header(&[b'a'; 255]).is_ok());
     }
 
@@ -254,7 +303,10 @@ mod tests {
         assert_eq!(IdempotencyKey::from_headers(&h, &name), Ok(None));
         h.append(&name, HeaderValue::from_static("a"));
         h.append(&name, HeaderValue::from_static("b"));
-        assert_eq!(IdempotencyKey::from_headers(&h, &name), Err(KeyError::Repeated));
+        assert_eq!(
+            IdempotencyKey::from_headers(&h, &name),
+            Err(KeyError::Repeated)
+        );
     }
 
     #[test]
@@ -262,9 +314,15 @@ mod tests {
         let key = IdempotencyKey::new("k1").unwrap();
         let auth = [http::header::AUTHORIZATION];
         let mut a = HeaderMap::new();
-        a.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        a.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer a"),
+        );
         let mut b = HeaderMap::new();
-        b.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        b.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer b"),
+        );
         let ka = StoreKey::derive("r", &key, &auth, &a);
         let kb = StoreKey::derive("r", &key, &auth, &b);
         assert_eq!(ka.id, kb.id);

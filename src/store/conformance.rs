@@ -6,7 +6,9 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use super::{memory::MemoryStore, sled::open_default, ClaimOutcome, Committed, NewResult, Record, Store};
+use super::{
+    memory::MemoryStore, sled::open_default, ClaimOutcome, Committed, NewResult, Record, Store,
+};
 use crate::{
     clock::{Clock, ManualClock},
     config::SyncPolicy,
@@ -34,8 +36,10 @@ fn result(body: &'static str) -> NewResult {
 }
 
 /// A fresh store of each kind, with its clock; the tempdir lives as long as the store.
-fn stores() -> Vec<(Arc<dyn Store>, Arc<ManualClock>, Option<tempfile::TempDir>)> {
-    let mut out: Vec<(Arc<dyn Store>, Arc<ManualClock>, Option<tempfile::TempDir>)> = Vec::new();
+type Fixture = (Arc<dyn Store>, Arc<ManualClock>, Option<tempfile::TempDir>);
+
+fn stores() -> Vec<Fixture> {
+    let mut out: Vec<Fixture> = Vec::new();
     let c = Arc::new(ManualClock::new(1_000_000));
     out.push((Arc::new(MemoryStore::new(c.clone())), c, None));
     for sync in [SyncPolicy::Always, SyncPolicy::Periodic] {
@@ -61,13 +65,19 @@ async fn claim_complete_replay() {
         let fp = Fingerprint([9; 32]);
         let t = token(s.claim(&k, fp, LEASE).await.unwrap());
         match s.claim(&k, fp, LEASE).await.unwrap() {
-            ClaimOutcome::InFlight { fingerprint, retry_after } => {
+            ClaimOutcome::InFlight {
+                fingerprint,
+                retry_after,
+            } => {
                 assert_eq!(fingerprint, fp);
                 assert_eq!(retry_after, LEASE);
             }
             o => panic!("{}: {o:?}", s.backend()),
         }
-        assert_eq!(s.complete(&k, t, result("a"), TTL).await.unwrap(), Committed::Done);
+        assert_eq!(
+            s.complete(&k, t, result("a"), TTL).await.unwrap(),
+            Committed::Done
+        );
         match s.claim(&k, fp, LEASE).await.unwrap() {
             ClaimOutcome::Completed(c) => {
                 assert_eq!(c.body, Bytes::from_static(b"a"));
@@ -77,7 +87,10 @@ async fn claim_complete_replay() {
             o => panic!("{}: {o:?}", s.backend()),
         }
         // A second complete with the same token is stale: the record is no longer in flight.
-        assert_eq!(s.complete(&k, t, result("b"), TTL).await.unwrap(), Committed::Stale);
+        assert_eq!(
+            s.complete(&k, t, result("b"), TTL).await.unwrap(),
+            Committed::Stale
+        );
         assert!(matches!(s.lookup(&k).await.unwrap(), Some(Record::Completed(c)) if c.body == "a"));
     }
 }
@@ -89,7 +102,10 @@ async fn release_frees_the_key_and_stale_release_does_nothing() {
         let fp = Fingerprint([1; 32]);
         let t = token(s.claim(&k, fp, LEASE).await.unwrap());
         assert_eq!(s.release(&k, t + 1000).await.unwrap(), Committed::Stale);
-        assert!(matches!(s.lookup(&k).await.unwrap(), Some(Record::InFlight(_))));
+        assert!(matches!(
+            s.lookup(&k).await.unwrap(),
+            Some(Record::InFlight(_))
+        ));
         assert_eq!(s.release(&k, t).await.unwrap(), Committed::Done);
         assert_eq!(s.lookup(&k).await.unwrap(), None);
         let t2 = token(s.claim(&k, fp, LEASE).await.unwrap());
@@ -105,11 +121,16 @@ async fn live_owner_keeps_its_claim_past_the_lease() {
         let t = token(s.claim(&k, fp, LEASE).await.unwrap());
         clock.advance(LEASE.as_millis() as u64 * 5);
         match s.claim(&k, fp, LEASE).await.unwrap() {
-            ClaimOutcome::InFlight { retry_after, .. } => assert_eq!(retry_after, Duration::from_secs(1)),
+            ClaimOutcome::InFlight { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(1))
+            }
             o => panic!("{}: {o:?}", s.backend()),
         }
         assert_eq!(s.sweep().await.unwrap().expired, 0, "{}", s.backend());
-        assert_eq!(s.complete(&k, t, result("a"), TTL).await.unwrap(), Committed::Done);
+        assert_eq!(
+            s.complete(&k, t, result("a"), TTL).await.unwrap(),
+            Committed::Done
+        );
     }
 }
 
@@ -121,15 +142,27 @@ async fn takeover_after_lease_and_late_owner_is_fenced() {
         let t1 = token(s.claim(&k, fp, LEASE).await.unwrap());
         s.abandon(t1); // the owner dies
         clock.advance(LEASE.as_millis() as u64 - 1);
-        assert!(matches!(s.claim(&k, fp, LEASE).await.unwrap(), ClaimOutcome::InFlight { .. }));
+        assert!(matches!(
+            s.claim(&k, fp, LEASE).await.unwrap(),
+            ClaimOutcome::InFlight { .. }
+        ));
         clock.advance(1);
         let t2 = token(s.claim(&k, fp, LEASE).await.unwrap());
         assert!(t2 > t1);
         // The late first owner can neither record nor release.
-        assert_eq!(s.complete(&k, t1, result("late"), TTL).await.unwrap(), Committed::Stale);
+        assert_eq!(
+            s.complete(&k, t1, result("late"), TTL).await.unwrap(),
+            Committed::Stale
+        );
         assert_eq!(s.release(&k, t1).await.unwrap(), Committed::Stale);
-        assert_eq!(s.complete(&k, t2, result("taker"), TTL).await.unwrap(), Committed::Done);
-        assert_eq!(s.complete(&k, t1, result("late"), TTL).await.unwrap(), Committed::Stale);
+        assert_eq!(
+            s.complete(&k, t2, result("taker"), TTL).await.unwrap(),
+            Committed::Done
+        );
+        assert_eq!(
+            s.complete(&k, t1, result("late"), TTL).await.unwrap(),
+            Committed::Stale
+        );
         match s.lookup(&k).await.unwrap() {
             Some(Record::Completed(c)) => assert_eq!(c.body, "taker"),
             o => panic!("{}: {o:?}", s.backend()),
@@ -182,13 +215,17 @@ async fn watch_fires_on_complete_and_release() {
         let mut w = s.watch(&k);
         let s2 = Arc::clone(&s);
         let done = tokio::spawn(async move { s2.complete(&k, t, result("a"), TTL).await.unwrap() });
-        tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("watch fired");
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("watch fired");
         assert_eq!(done.await.unwrap(), Committed::Done);
         let k2 = key(9, 0);
         let t = token(s.claim(&k2, fp, LEASE).await.unwrap());
         let mut w = s.watch(&k2);
         s.release(&k2, t).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), w.changed()).await.expect("watch fired");
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("watch fired");
     }
 }
 
@@ -199,7 +236,9 @@ async fn concurrent_claimers_exactly_one_wins() {
         let mut tasks = Vec::new();
         for _ in 0..64 {
             let s = Arc::clone(&s);
-            tasks.push(tokio::spawn(async move { s.claim(&k, Fingerprint([1; 32]), LEASE).await.unwrap() }));
+            tasks.push(tokio::spawn(async move {
+                s.claim(&k, Fingerprint([1; 32]), LEASE).await.unwrap()
+            }));
         }
         let mut winners = 0;
         for t in tasks {
@@ -225,9 +264,14 @@ async fn sled_keeps_records_across_reopen_and_claims_survive_with_their_deadline
         s.close();
     }
     let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
-    assert!(matches!(s.claim(&k, fp, LEASE).await.unwrap(), ClaimOutcome::Completed(c) if c.body == "kept"));
+    assert!(
+        matches!(s.claim(&k, fp, LEASE).await.unwrap(), ClaimOutcome::Completed(c) if c.body == "kept")
+    );
     // The dead process's claim holds until its recorded deadline, then can be taken over.
-    assert!(matches!(s.claim(&inflight, fp, LEASE).await.unwrap(), ClaimOutcome::InFlight { .. }));
+    assert!(matches!(
+        s.claim(&inflight, fp, LEASE).await.unwrap(),
+        ClaimOutcome::InFlight { .. }
+    ));
     clock.advance(LEASE.as_millis() as u64);
     token(s.claim(&inflight, fp, LEASE).await.unwrap());
 }
@@ -239,9 +283,14 @@ async fn sweeper_keeps_disk_bounded_under_churn() {
     let s = open_default(dir.path(), SyncPolicy::Periodic, clock.clone()).unwrap();
     for round in 0..5u8 {
         for i in 0..200u8 {
-            let k = StoreKey { id: [round; 32], scope: [i; 32] };
+            let k = StoreKey {
+                id: [round; 32],
+                scope: [i; 32],
+            };
             let t = token(s.claim(&k, Fingerprint([1; 32]), LEASE).await.unwrap());
-            s.complete(&k, t, result("x"), Duration::from_secs(1)).await.unwrap();
+            s.complete(&k, t, result("x"), Duration::from_secs(1))
+                .await
+                .unwrap();
         }
         clock.advance(1_000);
         let st = s.sweep().await.unwrap();
@@ -280,8 +329,15 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum M {
     Absent,
-    InFlight { token: u64, deadline: u64, alive: bool },
-    Done { body: u8, expires: u64 },
+    InFlight {
+        token: u64,
+        deadline: u64,
+        alive: bool,
+    },
+    Done {
+        body: u8,
+        expires: u64,
+    },
 }
 
 proptest! {

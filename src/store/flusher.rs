@@ -114,7 +114,8 @@ impl Flusher {
 
     /// Waits until every write made so far is durable.
     pub(crate) async fn durable_now(&self) -> Result<(), StoreError> {
-        self.durable(self.shared.written.load(Ordering::SeqCst)).await
+        self.durable(self.shared.written.load(Ordering::SeqCst))
+            .await
     }
 
     /// Whether the last flush failed.
@@ -154,7 +155,10 @@ fn run(db: &sled::Db, s: &Shared, every: Option<Duration>) {
             while st.waiters.is_empty() && !st.stop {
                 match every {
                     Some(d) => {
-                        let (g, timeout) = s.wake.wait_timeout(st, d).unwrap_or_else(|e| e.into_inner());
+                        let (g, timeout) = s
+                            .wake
+                            .wait_timeout(st, d)
+                            .unwrap_or_else(|e| e.into_inner());
                         st = g;
                         if timeout.timed_out() {
                             break;

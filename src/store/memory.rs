@@ -11,9 +11,13 @@ use async_trait::async_trait;
 use super::{
     retry_after,
     watch::{LiveOwners, Watchers},
-    ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError, SweepStats,
+    ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
+    SweepStats,
 };
-use crate::{clock::Clock, key::{Fingerprint, StoreKey}};
+use crate::{
+    clock::Clock,
+    key::{Fingerprint, StoreKey},
+};
 
 /// The in-memory store.
 #[derive(Debug)]
@@ -52,7 +56,12 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn claim(&self, key: &StoreKey, fp: Fingerprint, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let now = self.clock.now_ms();
         let mut records = self.records();
         match records.get(key) {
@@ -85,7 +94,13 @@ impl Store for MemoryStore {
         Ok(ClaimOutcome::Claimed { token })
     }
 
-    async fn complete(&self, key: &StoreKey, token: u64, result: NewResult, ttl: Duration) -> Result<Committed, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: u64,
+        result: NewResult,
+        ttl: Duration,
+    ) -> Result<Committed, StoreError> {
         self.live.remove(token);
         let now = self.clock.now_ms();
         let mut records = self.records();
@@ -139,13 +154,20 @@ impl Store for MemoryStore {
         Ok(self
             .records()
             .iter()
-            .filter(|(k, r)| &k.id == id && !matches!(r, Record::Completed(c) if c.expires_ms <= now))
+            .filter(|(k, r)| {
+                &k.id == id && !matches!(r, Record::Completed(c) if c.expires_ms <= now)
+            })
             .map(|(k, r)| (*k, r.clone()))
             .collect())
     }
 
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
-        let keys: Vec<StoreKey> = self.records().keys().filter(|k| &k.id == id).copied().collect();
+        let keys: Vec<StoreKey> = self
+            .records()
+            .keys()
+            .filter(|k| &k.id == id)
+            .copied()
+            .collect();
         let mut records = self.records();
         for k in &keys {
             records.remove(k);

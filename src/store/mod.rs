@@ -120,10 +120,21 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + Debug + 'static {
     /// Atomically claims `key` for a request with fingerprint `fp`, or says who has it.
-    async fn claim(&self, key: &StoreKey, fp: Fingerprint, lease: Duration) -> Result<ClaimOutcome, StoreError>;
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError>;
 
     /// Records the result of the claim `token`, kept for `ttl`.
-    async fn complete(&self, key: &StoreKey, token: u64, result: NewResult, ttl: Duration) -> Result<Committed, StoreError>;
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: u64,
+        result: NewResult,
+        ttl: Duration,
+    ) -> Result<Committed, StoreError>;
 
     /// Frees the key held by `token`, so the next request with it is forwarded.
     async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError>;

@@ -236,7 +236,10 @@ mod tests {
             expires_ms: 2,
             fingerprint: Fingerprint([7; 32]),
             status: 201,
-            headers: vec![("content-type".into(), Bytes::from_static(b"application/json"))],
+            headers: vec![(
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            )],
             body: Bytes::from_static(b"{\"ok\":true}"),
             body_omitted: false,
             seen_only: true,
@@ -260,9 +263,12 @@ mod tests {
     fn every_truncation_is_an_error() {
         let bytes = completed().encode();
         for n in 0..bytes.len() {
-            assert!(Record::decode(&bytes[..n]).is_err(), "prefix of {n} bytes decoded");
+            assert!(
+                Record::decode(&bytes[..n]).is_err(),
+                "prefix of {n} bytes decoded"
+            );
         }
-        let mut v = bytes.clone();
+        let mut v = bytes;
         v[0] = 99;
         assert_eq!(Record::decode(&v), Err(DecodeError::Version(99)));
     }

@@ -23,7 +23,8 @@ use super::{
     flusher::{FlushStats, Flusher},
     retry_after,
     watch::{LiveOwners, Watchers},
-    ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError, SweepStats,
+    ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
+    SweepStats,
 };
 use crate::{
     clock::Clock,
@@ -172,7 +173,12 @@ impl Inner {
     }
 
     /// One compare-and-swap; `Ok(false)` when another writer got there first.
-    fn cas(&self, key: &[u8; 64], old: Option<&sled::IVec>, new: Option<Vec<u8>>) -> Result<bool, StoreError> {
+    fn cas(
+        &self,
+        key: &[u8; 64],
+        old: Option<&sled::IVec>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
         Ok(self.records.compare_and_swap(key, old, new)?.is_ok())
     }
 
@@ -187,7 +193,10 @@ impl Inner {
                 self.expiry.remove(&ik)?;
                 continue;
             };
-            let at = ik.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+            let at = ik
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
             let kb = key.to_bytes();
             let mut keep_entry = false;
             if let Some(cur) = self.records.get(kb)? {
@@ -213,7 +222,12 @@ impl Inner {
 
 #[async_trait]
 impl Store for SledStore {
-    async fn claim(&self, key: &StoreKey, fp: Fingerprint, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let s = &*self.inner;
         let kb = key.to_bytes();
         loop {
@@ -255,14 +269,24 @@ impl Store for SledStore {
             if let Err(e) = s.durable(s.flusher.wrote()).await {
                 // Not durable: take the claim back so the client's retry is not refused for a lease.
                 s.live.remove(token);
-                let _ = s.cas(&kb, Some(&sled::IVec::from(encoded)), cur.map(|c| c.to_vec()));
+                let _ = s.cas(
+                    &kb,
+                    Some(&sled::IVec::from(encoded)),
+                    cur.map(|c| c.to_vec()),
+                );
                 return Err(e);
             }
             return Ok(ClaimOutcome::Claimed { token });
         }
     }
 
-    async fn complete(&self, key: &StoreKey, token: u64, result: NewResult, ttl: Duration) -> Result<Committed, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: u64,
+        result: NewResult,
+        ttl: Duration,
+    ) -> Result<Committed, StoreError> {
         let s = &*self.inner;
         let kb = key.to_bytes();
         loop {
@@ -350,7 +374,11 @@ impl Store for SledStore {
         let mut n = 0;
         for item in s.records.scan_prefix(id) {
             let (k, v) = item?;
-            if s.cas(&<[u8; 64]>::try_from(k.as_ref()).map_err(backend_err_len)?, Some(&v), None)? {
+            if s.cas(
+                &<[u8; 64]>::try_from(k.as_ref()).map_err(backend_err_len)?,
+                Some(&v),
+                None,
+            )? {
                 n += 1;
                 if let Some(key) = StoreKey::from_bytes(&k) {
                     s.watchers.notify(&key);
@@ -382,7 +410,9 @@ impl Store for SledStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         if self.inner.flusher.failed() {
-            return Err(backend_err(std::io::Error::other("the last flush to disk failed")));
+            return Err(backend_err(std::io::Error::other(
+                "the last flush to disk failed",
+            )));
         }
         self.inner.records.get([0u8; 1])?;
         Ok(())
@@ -398,7 +428,11 @@ fn backend_err_len(_: std::array::TryFromSliceError) -> StoreError {
 }
 
 /// Opens the store at `path` with default options (tests, tools).
-pub fn open_default(path: &Path, sync: SyncPolicy, clock: Arc<dyn Clock>) -> Result<SledStore, StoreError> {
+pub fn open_default(
+    path: &Path,
+    sync: SyncPolicy,
+    clock: Arc<dyn Clock>,
+) -> Result<SledStore, StoreError> {
     SledStore::open(
         &SledOptions {
             path: path.to_owned(),

@@ -70,7 +70,10 @@ impl Resp {
             "body of replay {self:?} (text {:?})",
             self.text()
         );
-        assert!(self.replayed(), "expected Idempotent-Replayed: true on {self:?}");
+        assert!(
+            self.replayed(),
+            "expected Idempotent-Replayed: true on {self:?}"
+        );
     }
 
     /// An error the proxy made itself: RFC 9457 problem+json with `status` and `code`. Returns the JSON.
@@ -137,12 +140,7 @@ pub async fn try_send(
     body: impl AsRef<[u8]>,
 ) -> Result<Resp, String> {
     let body = Bytes::copy_from_slice(body.as_ref());
-    match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        exchange(addr, method, path, headers, body),
-    )
-    .await
-    {
+    match tokio::time::timeout(REQUEST_TIMEOUT, exchange(addr, method, path, headers, body)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timed out after {REQUEST_TIMEOUT:?}")),
     }

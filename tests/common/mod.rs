@@ -9,7 +9,7 @@
 //!
 //! Every wait in here is bounded; nothing sleeps where an event can be awaited.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod client;
 pub mod proxy;

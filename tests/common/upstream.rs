@@ -84,7 +84,9 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("addr", &self.addr).finish()
+        f.debug_struct("Upstream")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -322,10 +324,8 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallib
         .get("content-type")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
-    let is_fixture = path == "/echo"
-        || path.starts_with("/status/")
-        || path == "/slow"
-        || path == "/large";
+    let is_fixture =
+        path == "/echo" || path.starts_with("/status/") || path == "/slow" || path == "/large";
     if is_fixture {
         *st.counter.lock().unwrap() += 1;
     }

@@ -1,0 +1,149 @@
+//! Bodies: the one body type the proxy sends both ways, bounded buffering of requests, and the bounded
+//! copy of responses taken for the record.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+
+/// Boxed error of a body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response the proxy builds.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A body of known bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A streamed body, passed through untouched.
+pub fn stream(body: Incoming) -> Body {
+    body.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+/// Why a request body could not be buffered.
+#[derive(Debug)]
+pub enum BufferError {
+    /// Over the limit (by `Content-Length` or while reading).
+    TooLarge,
+    /// The client's body broke (disconnect, malformed chunking).
+    Read(BoxError),
+}
+
+/// Buffers a request body of at most `limit` bytes. A `Content-Length` over the limit is refused before
+/// reading anything (so a client that sent `Expect: 100-continue` is not invited to upload).
+pub async fn buffer_request(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: u64,
+) -> Result<Bytes, BufferError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(BufferError::TooLarge);
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BufferError::TooLarge),
+        Err(e) => Err(BufferError::Read(e)),
+    }
+}
+
+/// An upstream response body read for the record.
+#[derive(Debug)]
+pub enum Captured {
+    /// The whole body, within the limit.
+    Full(Bytes),
+    /// Over the limit: what was read so far, and the rest still to stream.
+    Over {
+        /// Bytes already read.
+        prefix: Bytes,
+        /// The rest of the upstream body.
+        rest: Incoming,
+    },
+}
+
+/// Reads a response body until it ends or passes `limit` bytes.
+pub async fn capture(mut body: Incoming, limit: u64) -> Result<Captured, hyper::Error> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        // Trailers are not recorded (rare on responses; they are hop-by-hop for most proxies).
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                return Ok(Captured::Over {
+                    prefix: buf.freeze(),
+                    rest: body,
+                });
+            }
+        }
+    }
+    Ok(Captured::Full(buf.freeze()))
+}
+
+/// Bytes already read followed by the rest of a streamed body.
+#[derive(Debug)]
+pub struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Incoming,
+}
+
+impl Prefixed {
+    /// A body that yields `prefix`, then `rest`.
+    pub fn boxed_body(prefix: Bytes, rest: Incoming) -> Body {
+        Self {
+            prefix: Some(prefix),
+            rest,
+        }
+        .boxed()
+    }
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut h = self.rest.size_hint();
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        h.set_lower(h.lower() + extra);
+        if let Some(u) = h.upper() {
+            h.set_upper(u + extra);
+        }
+        h
+    }
+}

@@ -1,0 +1,460 @@
+//! The phases of a request, in order:
+//!
+//! 1. `handle_inner`: select the route; methods or routes not under rules → [`Proxy::pass_through`].
+//! 2. Buffer the body (413 over `max_request_body`), derive the key and the fingerprint.
+//! 3. `claim` the store key. Claimed → 4; completed → replay (or 422); in flight → 409, or wait and
+//!    claim again (or 422).
+//! 4. `forward_claimed`: the upstream exchange and the recording run in a detached task, so they finish
+//!    even if the client disconnects; the response goes back only after its record is durable.
+//! 5. `settle`: release the key (release status, or nothing was sent) or record the result.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{header, request::Parts, HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+
+use super::{
+    body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed},
+    error::ProxyError,
+    headers::{add_forwarded, recordable, strip_hop_by_hop},
+    replay::replay,
+    rules::RouteRules,
+    upstream::UpstreamError,
+    Proxy,
+};
+use crate::{
+    config::{FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode},
+    key::{fingerprint, json_pointer_key, Fingerprint, IdempotencyKey, StoreKey},
+    store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
+};
+
+/// Marks responses forwarded without protection because the store failed (`on_store_error = "pass"`).
+const DEGRADED: HeaderName = HeaderName::from_static("idempotency-degraded");
+
+/// A claimed key on its way through the upstream.
+struct Claim {
+    route: Arc<str>,
+    key: StoreKey,
+    token: u64,
+    redacted: String,
+}
+
+/// Abandons a claim whose task ended without completing or releasing it (a panic): the lease then
+/// bounds how long the key stays blocked, exactly as if the process had died.
+struct AbandonGuard {
+    store: Arc<dyn Store>,
+    token: u64,
+    armed: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.abandon(self.token);
+        }
+    }
+}
+
+impl Proxy {
+    pub(super) async fn handle_inner(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = self.rules.select(req.uri().path());
+        let rule = &route.rule;
+        if !rule.enabled || !rule.methods.contains(req.method()) {
+            return self.pass_through(req, peer).await;
+        }
+        let (parts, body) = req.into_parts();
+        let body = match buffer_request(&parts.headers, body, self.limits.max_request_body).await {
+            Ok(b) => b,
+            Err(BufferError::TooLarge) => {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.limits.max_request_body,
+                })
+            }
+            Err(BufferError::Read(e)) => return Err(ProxyError::BadRequestBody(e)),
+        };
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let fp = fingerprint(
+            rule.fingerprint,
+            &parts.method,
+            pq,
+            &rule.fingerprint_headers,
+            &parts.headers,
+            &body,
+        );
+        let client_key = match &rule.key {
+            KeySource::Header => IdempotencyKey::from_headers(&parts.headers, &rule.header)?,
+            KeySource::Json(ptr) => json_pointer_key(&body, ptr)?
+                .map(|k| IdempotencyKey::new(&k))
+                .transpose()?,
+            KeySource::Fingerprint => {
+                // The key is the request itself; without a mode the raw request is hashed.
+                let mode = match rule.fingerprint {
+                    FingerprintMode::None => FingerprintMode::Raw,
+                    m => m,
+                };
+                let whole = fingerprint(
+                    mode,
+                    &parts.method,
+                    pq,
+                    &rule.fingerprint_headers,
+                    &parts.headers,
+                    &body,
+                );
+                Some(IdempotencyKey::new(&whole.to_hex())?)
+            }
+        };
+        let Some(client_key) = client_key else {
+            if rule.required {
+                return Err(ProxyError::MissingKey);
+            }
+            // Optional key absent: forwarded as is, every time.
+            return self.forward_unprotected(parts, body, peer, None).await;
+        };
+        let key = StoreKey::derive(
+            &route.name,
+            &client_key,
+            &rule.scope_headers,
+            &parts.headers,
+        );
+        self.claim_and_forward(
+            route,
+            key,
+            client_key.redacted().to_owned(),
+            fp,
+            parts,
+            body,
+            peer,
+        )
+        .await
+    }
+
+    /// Phase 3: claim the key, and act on what the store says. In wait mode, loops until the first
+    /// request finishes (replay), is released (claim it ourselves) or `wait_timeout` passes (409).
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_and_forward(
+        self: &Arc<Self>,
+        route: &RouteRules,
+        key: StoreKey,
+        redacted: String,
+        fp: Fingerprint,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let rule = &route.rule;
+        let give_up = tokio::time::Instant::now() + rule.wait_timeout;
+        loop {
+            // Subscribe before claiming, so a completion between the two cannot be missed.
+            let mut watch =
+                (rule.on_in_flight == InFlightMode::Wait).then(|| self.store.watch(&key));
+            let outcome = match self.store.claim(&key, fp, rule.lease).await {
+                Ok(o) => o,
+                Err(e) => return self.store_failed(e, rule, parts, body, peer).await,
+            };
+            match outcome {
+                ClaimOutcome::Claimed { token } => {
+                    tracing::debug!(route = %route.name, key = %redacted, token, "claimed");
+                    let claim = Claim {
+                        route: Arc::clone(&route.name),
+                        key,
+                        token,
+                        redacted,
+                    };
+                    return self
+                        .forward_claimed(claim, rule.clone(), parts, body, peer)
+                        .await;
+                }
+                ClaimOutcome::Completed(rec) => {
+                    if !rec.fingerprint.matches(&fp) {
+                        return Err(ProxyError::FingerprintMismatch);
+                    }
+                    tracing::debug!(route = %route.name, key = %redacted, "replayed");
+                    return Ok(replay(&rec, rule.duplicate_status));
+                }
+                ClaimOutcome::InFlight {
+                    fingerprint,
+                    retry_after,
+                } => {
+                    if !fingerprint.matches(&fp) {
+                        return Err(ProxyError::FingerprintMismatch);
+                    }
+                    let Some(w) = watch.as_mut() else {
+                        return Err(ProxyError::InFlight { retry_after });
+                    };
+                    let now = tokio::time::Instant::now();
+                    if now >= give_up {
+                        return Err(ProxyError::InFlight { retry_after });
+                    }
+                    // Woken in-process when the key changes; the timer only covers an owner that died
+                    // (its lease must run out) and the wait bound. No store resource is held meanwhile.
+                    tokio::select! {
+                        () = w.changed() => {}
+                        () = tokio::time::sleep(retry_after.min(give_up - now)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The store failed before anything was claimed: refuse (503) or forward unprotected.
+    async fn store_failed(
+        &self,
+        e: StoreError,
+        rule: &Rule,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        match rule.on_store_error {
+            StoreErrorMode::Reject => Err(ProxyError::StoreUnavailable(e)),
+            StoreErrorMode::Pass => {
+                tracing::warn!(error = %e, "store failed; forwarding without idempotency protection");
+                self.forward_unprotected(parts, body, peer, Some(())).await
+            }
+        }
+    }
+
+    /// Forwards a buffered request without a claim (no key on an optional route, or degraded mode).
+    async fn forward_unprotected(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+        degraded: Option<()>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let req = self.upstream_request(parts, full(body), peer)?;
+        let resp = self
+            .upstream
+            .send(req, self.upstream.timeout)
+            .await
+            .map_err(into_proxy_error)?;
+        let mut resp = upstream_response(resp);
+        if degraded.is_some() {
+            resp.headers_mut()
+                .insert(DEGRADED, HeaderValue::from_static("true"));
+        }
+        Ok(resp)
+    }
+
+    /// Pass-through: body streamed both ways, no limit, nothing stored.
+    pub(super) async fn pass_through(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let req = self.upstream_request(parts, stream(body), peer)?;
+        let resp = self
+            .upstream
+            .send(req, self.upstream.timeout)
+            .await
+            .map_err(into_proxy_error)?;
+        Ok(upstream_response(resp))
+    }
+
+    /// Phase 4: exchange and record in a detached task; the client gets the answer when it is settled.
+    async fn forward_claimed(
+        self: &Arc<Self>,
+        claim: Claim,
+        rule: Rule,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (tx, rx) = oneshot::channel();
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let mut guard = AbandonGuard {
+                store: Arc::clone(&this.store),
+                token: claim.token,
+                armed: true,
+            };
+            let resp = this.exchange(&claim, &rule, parts, body, peer).await;
+            guard.armed = false;
+            // The client may be gone; the result is recorded either way.
+            let _ = tx.send(resp);
+        });
+        rx.await.unwrap_or(Err(ProxyError::Internal))
+    }
+
+    /// Sends the claimed request and settles the claim from the outcome.
+    async fn exchange(
+        &self,
+        claim: &Claim,
+        rule: &Rule,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let started = Instant::now();
+        let req = match self.upstream_request(parts, full(body), peer) {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(claim).await;
+                return Err(e);
+            }
+        };
+        let budget = self.upstream.timeout;
+        let resp = match self.upstream.send(req, budget).await {
+            Ok(r) => r,
+            Err(UpstreamError::Connect(e)) => {
+                // Nothing was sent: always free the key.
+                self.release(claim).await;
+                return Err(ProxyError::UpstreamUnreachable(e));
+            }
+            Err(e) => return self.settle_error(claim, rule, into_proxy_error(e)).await,
+        };
+        let (mut head, upstream_body) = resp.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        if rule.release_statuses.contains(&head.status) {
+            self.release(claim).await;
+            tracing::debug!(route = %claim.route, key = %claim.redacted, status = head.status.as_u16(), "released on status");
+            return Ok(Response::from_parts(head, stream(upstream_body)));
+        }
+        let left = budget.saturating_sub(started.elapsed());
+        let captured =
+            match tokio::time::timeout(left, capture(upstream_body, self.limits.max_response_body))
+                .await
+            {
+                Err(_) => {
+                    return self
+                        .settle_error(claim, rule, ProxyError::UpstreamTimeout)
+                        .await
+                }
+                Ok(Err(e)) => {
+                    return self
+                        .settle_error(claim, rule, ProxyError::UpstreamFailed(Box::new(e)))
+                        .await
+                }
+                Ok(Ok(c)) => c,
+            };
+        let (recorded_body, omitted) = match &captured {
+            Captured::Full(b) => (b.clone(), false),
+            Captured::Over { .. } => (Bytes::new(), true),
+        };
+        let result = if rule.store_response {
+            NewResult {
+                status: head.status.as_u16(),
+                headers: recordable(&head.headers),
+                body: recorded_body,
+                body_omitted: omitted,
+                seen_only: false,
+            }
+        } else {
+            NewResult {
+                status: head.status.as_u16(),
+                headers: Vec::new(),
+                body: Bytes::new(),
+                body_omitted: false,
+                seen_only: true,
+            }
+        };
+        self.record(claim, rule, result).await;
+        let body = match captured {
+            Captured::Full(b) => {
+                head.headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                full(b)
+            }
+            Captured::Over { prefix, rest } => Prefixed::boxed_body(prefix, rest),
+        };
+        Ok(Response::from_parts(head, body))
+    }
+
+    /// A failure after the request may have reached the upstream: release if its status is listed in
+    /// `release_statuses` (the default for 502/504), otherwise record the error as the result.
+    async fn settle_error(
+        &self,
+        claim: &Claim,
+        rule: &Rule,
+        e: ProxyError,
+    ) -> Result<Response<Body>, ProxyError> {
+        if rule.release_statuses.contains(&e.status()) {
+            self.release(claim).await;
+            return Err(e);
+        }
+        let resp = e.response();
+        let result = NewResult {
+            status: e.status().as_u16(),
+            headers: recordable(resp.headers()),
+            body: e.problem_body(),
+            body_omitted: false,
+            seen_only: !rule.store_response,
+        };
+        tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; recorded as the result");
+        self.record(claim, rule, result).await;
+        Err(e)
+    }
+
+    async fn record(&self, claim: &Claim, rule: &Rule, result: NewResult) {
+        match self
+            .store
+            .complete(&claim.key, claim.token, result, rule.ttl)
+            .await
+        {
+            Ok(Committed::Done) => {
+                tracing::debug!(route = %claim.route, key = %claim.redacted, "recorded")
+            }
+            Ok(Committed::Stale) => tracing::warn!(
+                route = %claim.route, key = %claim.redacted,
+                "claim was taken over or purged while in flight; result not recorded"
+            ),
+            // The upstream already answered: the client still gets the answer.
+            Err(e) => {
+                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result")
+            }
+        }
+    }
+
+    async fn release(&self, claim: &Claim) {
+        if let Err(e) = self.store.release(&claim.key, claim.token).await {
+            tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not release the key; it frees when its lease ends");
+            self.store.abandon(claim.token);
+        }
+    }
+
+    /// Rewrites a client request for the upstream.
+    fn upstream_request(
+        &self,
+        mut parts: Parts,
+        body: Body,
+        peer: SocketAddr,
+    ) -> Result<Request<Body>, ProxyError> {
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded(&mut parts.headers, peer.ip(), "http", host);
+        parts.headers.insert(header::HOST, self.upstream.host());
+        parts.uri = self
+            .upstream
+            .uri_for(parts.uri.path_and_query())
+            .map_err(|e| ProxyError::BadRequestBody(Box::new(e)))?;
+        // The upstream client speaks HTTP/1.1 whatever the client spoke.
+        parts.version = http::Version::HTTP_11;
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+fn upstream_response(resp: Response<Incoming>) -> Response<Body> {
+    let (mut head, body) = resp.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    Response::from_parts(head, stream(body))
+}
+
+fn into_proxy_error(e: UpstreamError) -> ProxyError {
+    match e {
+        UpstreamError::Connect(e) => ProxyError::UpstreamUnreachable(e),
+        UpstreamError::Timeout => ProxyError::UpstreamTimeout,
+        UpstreamError::Failed(e) => ProxyError::UpstreamFailed(e),
+    }
+}
