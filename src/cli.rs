@@ -52,19 +52,19 @@ pub struct RunArgs {
     /// TOML config file (built-in defaults when absent).
     #[arg(long, short, env = "IDEMPROXY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Listen address, e.g. 127.0.0.1:8080 (overrides [server] listen).
+    /// Listen address, e.g. 127.0.0.1:8080 (overrides server.listen).
     #[arg(long, env = "IDEMPROXY_LISTEN")]
     pub listen: Option<String>,
-    /// Upstream URL, e.g. http://127.0.0.1:3000 (overrides [upstream] url).
+    /// Upstream URL, e.g. http://127.0.0.1:3000 (overrides upstream.url).
     #[arg(long, env = "IDEMPROXY_UPSTREAM")]
     pub upstream: Option<String>,
-    /// sled data directory (overrides [store] path).
+    /// sled data directory (overrides store.path).
     #[arg(long, env = "IDEMPROXY_DATA_DIR")]
     pub data_dir: Option<String>,
-    /// Admin listen address (overrides [admin] listen).
+    /// Admin listen address (overrides admin.listen).
     #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
-    /// Redis URL for backend = "redis" (overrides [store] redis_url).
+    /// Redis URL for backend = "redis" (overrides store.redis_url).
     #[arg(long, env = "IDEMPROXY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Log format.

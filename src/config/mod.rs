@@ -1,6 +1,6 @@
 //! Configuration: the TOML file, CLI/env overrides, and the validated, typed [`Config`].
 //!
-//! Pipeline (after sozu/rpxy): text → `toml::Table` → overrides applied → [`validate`] walks every key,
+//! Pipeline (after sozu/rpxy): text → `toml::Table` → overrides applied → `validate` walks every key,
 //! collecting *all* problems with their TOML paths → typed [`Config`]. Nothing downstream parses strings:
 //! addresses, durations, sizes, header names and globs are checked here once.
 

@@ -1,6 +1,6 @@
 //! The request pipeline. [`Proxy::handle`] takes any request and always answers: pass-through traffic is
 //! streamed to the upstream untouched; requests under idempotency rules go through the phases in
-//! [`flow`]: select route → buffer body → derive key → claim → forward → record → respond.
+//! `flow`: select route → buffer body → derive key → claim → forward → record → respond.
 //!
 //! The proxy holds an `Arc<dyn Store>` and an [`upstream::Upstream`]; it never sees sockets, TLS, sled or
 //! Redis types.
