@@ -765,7 +765,13 @@ async fn keys_never_appear_whole_in_logs() {
     post_key(p.addr, "/echo", key, "b")
         .await
         .assert_problem(422, "fingerprint-mismatch");
-    let raw = raw_request(p.addr, "POST", "/echo", &[("Idempotency-Key", key)], b"a");
+    let raw = raw_request(
+        p.addr,
+        "POST",
+        "/echo",
+        &[("Idempotency-Key", key), TEXT],
+        b"a",
+    );
     raw_exchange(p.addr, &raw).await.assert_replay(201, b"a");
     assert!(p.sigterm().await.success());
     let logs = p.logs();

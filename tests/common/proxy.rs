@@ -19,7 +19,7 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The binary under test, with a clean, deterministic environment (no inherited `IDEMPROXY_*`, text logs at
-/// info level, no colours).
+/// info level unless `IDEMPROXY_TEST_LOG` says otherwise, no colours).
 pub fn base_command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_idemproxy"));
     for (k, _) in std::env::vars_os() {
@@ -27,7 +27,9 @@ pub fn base_command() -> Command {
             c.env_remove(k);
         }
     }
-    c.env("RUST_LOG", "info")
+    // IDEMPROXY_TEST_LOG (read here, never passed on) sets the child's RUST_LOG for debugging a test.
+    let level = std::env::var("IDEMPROXY_TEST_LOG").unwrap_or_else(|_| "info".to_string());
+    c.env("RUST_LOG", level)
         .env("NO_COLOR", "1")
         .env("IDEMPROXY_LOG_FORMAT", "text")
         .stdin(Stdio::null())
