@@ -1,7 +1,7 @@
 //! The command line and the config file of the real `idemproxy` binary: `check` accepts every example under
 //! `config/`, reports every problem of a broken file as `PATH: message` (0-based TOML paths) and exits 2, also
 //! for TOML syntax errors and missing files; `run` with a broken config exits 2 without listening;
-//! `--listen`/`--upstream` and `IDEMPROXY_LISTEN`/`IDEMPROXY_UPSTREAM` override the file; bare
+//! `--listen`/`--upstream`/`--data-dir` and `IDEMPROXY_LISTEN`/`IDEMPROXY_UPSTREAM` override the file; bare
 //! `idemproxy --config FILE` runs like `run`.
 
 #![allow(clippy::unwrap_used)]
@@ -270,4 +270,29 @@ async fn bare_config_flag_runs_like_run() {
         .assert_replay(201, b"bare");
     assert_eq!(p.admin_get("/healthz").await.status, 200);
     assert_eq!(up.hits_key("bare-1"), 1);
+}
+
+#[tokio::test]
+async fn data_dir_flag_overrides_the_store_path() {
+    let up = Upstream::start();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let data = elsewhere.path().join("flag-data");
+    let mut p = Proxy::builder(up.url())
+        .arg("--data-dir")
+        .arg(data.to_str().unwrap())
+        .start()
+        .await;
+    post_key(p.addr, "/echo", "dd-1", "x")
+        .await
+        .assert_forwarded(201, b"x");
+    assert!(p.sigterm().await.success());
+    assert!(
+        std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()),
+        "nothing stored in --data-dir {}",
+        data.display()
+    );
+    assert!(
+        !p.data_dir().exists(),
+        "the file's [store] path was used despite --data-dir"
+    );
 }

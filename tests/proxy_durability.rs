@@ -1,4 +1,4 @@
-//! Durability of the real `idemproxy` binary on its sled data dir: results survive a SIGTERM restart; after a
+//! Durability of the real `idemproxy` binary on its sled data dir: results survive SIGTERM/SIGINT restarts; after a
 //! SIGKILL in the middle of a stream of requests every acknowledged result is replayed and never forwarded
 //! again; an in-flight claim survives a crash (409) until its lease runs out; SIGTERM lets the request in
 //! flight finish, exits 0, and the result is replayed after the restart.
@@ -17,7 +17,7 @@ use tokio::sync::watch;
 const TEXT: (&str, &str) = ("Content-Type", "text/plain");
 
 #[tokio::test]
-async fn results_survive_a_sigterm_restart() {
+async fn results_survive_sigterm_and_sigint_restarts() {
     let up = Upstream::start();
     let mut p = Proxy::builder(up.url()).start().await;
     post_key(p.addr, "/echo", "dur-1", "persist me")
@@ -38,6 +38,15 @@ async fn results_survive_a_sigterm_restart() {
     post_key(p.addr, "/echo", "dur-1", "changed")
         .await
         .assert_problem(422, "fingerprint-mismatch");
+
+    // SIGINT is as graceful as SIGTERM.
+    p.signal("INT");
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
+    p.restart().await;
+    post_key(p.addr, "/echo", "dur-1", "persist me")
+        .await
+        .assert_replay(201, b"persist me");
     assert_eq!(up.hits_key("dur-1"), 1);
 }
 

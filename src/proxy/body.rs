@@ -138,12 +138,14 @@ impl HttpBody for Prefixed {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut h = self.rest.size_hint();
+        let rest = self.rest.size_hint();
         let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        h.set_lower(h.lower() + extra);
-        if let Some(u) = h.upper() {
+        // Upper first: raising the lower bound past the old upper bound would panic.
+        let mut h = SizeHint::new();
+        if let Some(u) = rest.upper() {
             h.set_upper(u + extra);
         }
+        h.set_lower(rest.lower() + extra);
         h
     }
 }
