@@ -1,22 +1,34 @@
 //! Wiring for `idemproxy run`: open the store, build the proxy, bind both listeners, serve until a
-//! signal, then drain in order — stop accepting, let requests in flight finish and be recorded (bounded
-//! by `shutdown_grace`), flush the store, stop the admin listener.
+//! signal, then drain in order — `/readyz` turns 503, stop accepting, let requests in flight finish and
+//! be recorded (bounded by `shutdown_grace`), flush the store, stop the admin listener. SIGHUP reloads
+//! the config file (see [`reload`]).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
+use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    admin::{Admin, Readiness},
+    admin::{metrics, Admin, AdminSettings, Readiness},
     clock::SystemClock,
-    config::{defaults::DEFAULT_PERIODIC_FLUSH, Backend, Config},
+    config::{defaults::DEFAULT_PERIODIC_FLUSH, Backend, Config, Overrides},
     proxy::{self, Proxy},
-    server::{self, Drain, Handler, ResponseFuture, ServeOptions},
+    server::{self, shutdown::Hangups, Drain, Handler, ResponseFuture, ServeOptions},
     store::{
+        instrumented::Instrumented,
         sled::{SledOptions, SledStore},
         Store, StoreError,
     },
 };
+
+/// Where the running config came from, so SIGHUP can read it again.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file (`None`: built-in defaults, nothing to reload).
+    pub path: Option<PathBuf>,
+    /// Command-line and environment overrides, applied again on reload.
+    pub overrides: Overrides,
+}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,19 +86,24 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
                     source,
                 }
             })?;
-            Ok((Arc::new(s.clone()), Some(s)))
+            Ok((Arc::new(Instrumented(Arc::new(s.clone()))), Some(s)))
         }
     }
 }
 
 /// Runs the proxy until `shutdown` resolves (normally [`server::shutdown::signal`]); returns how the
 /// drain went.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Drain, AppError> {
+pub async fn run(
+    config: Config,
+    source: Option<ConfigSource>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Drain, AppError> {
     if config.server.tls.is_some() {
         return Err(AppError::Unsupported(
             "server.tls is not available in this build yet; terminate TLS in front of idemproxy",
         ));
     }
+    metrics::install();
     let (store, sled) = open_store(&config)?;
     let proxy = Arc::new(Proxy::new(&config, Arc::clone(&store))?);
     let readiness = Arc::new(Readiness::default());
@@ -103,7 +120,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<D
         header_read_timeout: config.server.header_read_timeout,
         grace: config.server.shutdown_grace,
     };
-    let admin = Arc::new(Admin::new(Arc::clone(&store), Arc::clone(&readiness)));
+    let settings = Arc::new(ArcSwap::from_pointee(AdminSettings::from_config(&config)));
+    let admin = Arc::new(Admin::new(
+        Arc::clone(&store),
+        Arc::clone(&readiness),
+        Arc::clone(&settings),
+    ));
+    let reloader = source.map(|src| {
+        tokio::spawn(reload_loop(
+            src,
+            config.clone(),
+            Arc::clone(&proxy),
+            Arc::clone(&settings),
+            stop_rx.clone(),
+        ))
+    });
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(server::serve(admin_listener, admin, opts, async move {
@@ -160,6 +191,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<D
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     let _ = sweeper.await;
+    if let Some(r) = reloader {
+        let _ = r.await;
+    }
     tracing::info!("stopped");
     Ok(drain)
 }
@@ -193,4 +227,81 @@ async fn sweep_loop(
             Err(e) => tracing::warn!(error = %e, "sweep failed"),
         }
     }
+}
+
+/// On each SIGHUP: read the file again; if valid, apply it to new requests (routes, rules, upstream,
+/// limits, admin token) and name the settings that need a restart; if not, keep the running config and
+/// log every problem.
+async fn reload_loop(
+    src: ConfigSource,
+    mut current: Config,
+    proxy: Arc<Proxy>,
+    settings: Arc<ArcSwap<AdminSettings>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut hangups = Hangups::new();
+    loop {
+        tokio::select! {
+            () = hangups.next() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(path) = src.path.as_deref() else {
+            tracing::warn!("SIGHUP: no config file to reload (started without --config)");
+            continue;
+        };
+        match reload(path, &src.overrides, &current) {
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!("reload: {p}");
+                }
+                tracing::error!(
+                    problems = problems.len(),
+                    "reload failed: the running config is kept"
+                );
+            }
+            Ok((new, restart)) => match proxy.reload(&new) {
+                Ok(()) => {
+                    settings.store(Arc::new(AdminSettings::from_config(&new)));
+                    for field in &restart {
+                        tracing::warn!("reload: {field} changed; it takes effect after a restart");
+                    }
+                    tracing::info!(routes = new.routes.len(), "config reloaded");
+                    current = new;
+                }
+                Err(e) => tracing::error!(error = %e, "reload failed: the running config is kept"),
+            },
+        }
+    }
+}
+
+/// Loads the file again: the new config and the settings that changed but only apply after a restart.
+pub fn reload(
+    path: &std::path::Path,
+    overrides: &Overrides,
+    current: &Config,
+) -> Result<(Config, Vec<&'static str>), Vec<String>> {
+    let new = Config::load(Some(path), overrides)
+        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let mut restart = Vec::new();
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    if new.server.listen != current.server.listen {
+        restart.push("server.listen");
+    }
+    if !same(&new.server.tls, &current.server.tls) {
+        restart.push("server.tls");
+    }
+    if new.server.header_read_timeout != current.server.header_read_timeout {
+        restart.push("server.header_read_timeout");
+    }
+    if new.server.shutdown_grace != current.server.shutdown_grace {
+        restart.push("server.shutdown_grace");
+    }
+    if new.admin.listen != current.admin.listen {
+        restart.push("admin.listen");
+    }
+    if !same(&new.store, &current.store) {
+        restart.push("store");
+    }
+    Ok((new, restart))
 }

@@ -73,11 +73,6 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// No overrides (for `check`, which validates the file as written).
-    pub fn overrides_none() -> Overrides {
-        Overrides::default()
-    }
-
     /// The overrides these flags (and `IDEMPROXY_ADMIN_TOKEN`) make to the file.
     pub fn overrides(&self) -> Overrides {
         Overrides {

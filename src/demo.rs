@@ -108,7 +108,7 @@ pub async fn run(
          Ctrl-C stops the demo (its data dir {} is removed).\n",
         dir.display()
     );
-    let result = app::run(config, shutdown).await;
+    let result = app::run(config, None, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = upstream.await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,12 +1,15 @@
 //! The phases of a request, in order:
 //!
-//! 1. `handle_inner`: select the route; methods or routes not under rules → [`Proxy::pass_through`].
+//! 1. `handle_inner`: methods or routes not under rules → `Live::pass_through` (streamed, nothing stored).
 //! 2. Buffer the body (413 over `max_request_body`), derive the key and the fingerprint.
-//! 3. `claim` the store key. Claimed → 4; completed → replay (or 422); in flight → 409, or wait and
-//!    claim again (or 422).
+//! 3. `claim_and_forward`: claim the store key. Claimed → 4; completed → replay (or 422); in flight →
+//!    409, or wait and claim again (or 422).
 //! 4. `forward_claimed`: the upstream exchange and the recording run in a detached task, so they finish
 //!    even if the client disconnects; the response goes back only after its record is durable.
-//! 5. `settle`: release the key (release status, or nothing was sent) or record the result.
+//! 5. `exchange` / `settle_error`: release the key (release status, or nothing was sent) or record the
+//!    result.
+//!
+//! Every successful response is tagged with its metrics [`Outcome`]; `Proxy::handle` counts it.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -21,10 +24,12 @@ use super::{
     headers::{add_forwarded, recordable, strip_hop_by_hop},
     replay::replay,
     rules::RouteRules,
-    upstream::UpstreamError,
-    Proxy,
+    tagged,
+    upstream::{Upstream, UpstreamError},
+    Live, Proxy,
 };
 use crate::{
+    admin::metrics::{self, InflightGuard, Outcome},
     config::{FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode},
     key::{fingerprint, json_pointer_key, Fingerprint, IdempotencyKey, StoreKey},
     store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
@@ -32,6 +37,16 @@ use crate::{
 
 /// Marks responses forwarded without protection because the store failed (`on_store_error = "pass"`).
 const DEGRADED: HeaderName = HeaderName::from_static("idempotency-degraded");
+
+/// A request under rules, with its key derived, before the claim.
+struct Pending {
+    key: StoreKey,
+    redacted: String,
+    fp: Fingerprint,
+    parts: Parts,
+    body: Bytes,
+    peer: SocketAddr,
+}
 
 /// A claimed key on its way through the upstream.
 struct Claim {
@@ -58,24 +73,23 @@ impl Drop for AbandonGuard {
 }
 
 impl Proxy {
+    /// Phases 1 and 2.
     pub(super) async fn handle_inner(
-        self: Arc<Self>,
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        route: &RouteRules,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
-        let route = self.rules.select(req.uri().path());
         let rule = &route.rule;
         if !rule.enabled || !rule.methods.contains(req.method()) {
-            return self.pass_through(req, peer).await;
+            return live.pass_through(req, peer).await;
         }
         let (parts, body) = req.into_parts();
-        let body = match buffer_request(&parts.headers, body, self.limits.max_request_body).await {
+        let limit = live.limits.max_request_body;
+        let body = match buffer_request(&parts.headers, body, limit).await {
             Ok(b) => b,
-            Err(BufferError::TooLarge) => {
-                return Err(ProxyError::BodyTooLarge {
-                    limit: self.limits.max_request_body,
-                })
-            }
+            Err(BufferError::TooLarge) => return Err(ProxyError::BodyTooLarge { limit }),
             Err(BufferError::Read(e)) => return Err(ProxyError::BadRequestBody(e)),
         };
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -93,19 +107,18 @@ impl Proxy {
                 .map(|k| IdempotencyKey::new(&k))
                 .transpose()?,
             KeySource::Fingerprint => {
-                // The key is the request itself; without a mode the raw request is hashed.
-                let mode = match rule.fingerprint {
-                    FingerprintMode::None => FingerprintMode::Raw,
-                    m => m,
+                // The key is the request itself; with `fingerprint = "none"` the raw request is hashed.
+                let whole = match rule.fingerprint {
+                    FingerprintMode::None => fingerprint(
+                        FingerprintMode::Raw,
+                        &parts.method,
+                        pq,
+                        &rule.fingerprint_headers,
+                        &parts.headers,
+                        &body,
+                    ),
+                    _ => fp,
                 };
-                let whole = fingerprint(
-                    mode,
-                    &parts.method,
-                    pq,
-                    &rule.fingerprint_headers,
-                    &parts.headers,
-                    &body,
-                );
                 Some(IdempotencyKey::new(&whole.to_hex())?)
             }
         };
@@ -114,74 +127,75 @@ impl Proxy {
                 return Err(ProxyError::MissingKey);
             }
             // Optional key absent: forwarded as is, every time.
-            return self.forward_unprotected(parts, body, peer, None).await;
+            return live.forward_unprotected(parts, body, peer, false).await;
         };
-        let key = StoreKey::derive(
-            &route.name,
-            &client_key,
-            &rule.scope_headers,
-            &parts.headers,
-        );
-        self.claim_and_forward(
-            route,
-            key,
-            client_key.redacted().to_owned(),
+        let pending = Pending {
+            key: StoreKey::derive(
+                &route.name,
+                &client_key,
+                &rule.scope_headers,
+                &parts.headers,
+            ),
+            redacted: client_key.redacted().to_owned(),
             fp,
             parts,
             body,
             peer,
-        )
-        .await
+        };
+        self.claim_and_forward(live, route, pending).await
     }
 
     /// Phase 3: claim the key, and act on what the store says. In wait mode, loops until the first
     /// request finishes (replay), is released (claim it ourselves) or `wait_timeout` passes (409).
-    #[allow(clippy::too_many_arguments)]
     async fn claim_and_forward(
         self: &Arc<Self>,
+        live: &Arc<Live>,
         route: &RouteRules,
-        key: StoreKey,
-        redacted: String,
-        fp: Fingerprint,
-        parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
+        req: Pending,
     ) -> Result<Response<Body>, ProxyError> {
         let rule = &route.rule;
         let give_up = tokio::time::Instant::now() + rule.wait_timeout;
+        let mut waiting = None;
         loop {
             // Subscribe before claiming, so a completion between the two cannot be missed.
             let mut watch =
-                (rule.on_in_flight == InFlightMode::Wait).then(|| self.store.watch(&key));
-            let outcome = match self.store.claim(&key, fp, rule.lease).await {
+                (rule.on_in_flight == InFlightMode::Wait).then(|| self.store.watch(&req.key));
+            let outcome = match self.store.claim(&req.key, req.fp, rule.lease).await {
                 Ok(o) => o,
-                Err(e) => return self.store_failed(e, rule, parts, body, peer).await,
+                Err(e) => {
+                    return live
+                        .store_failed(e, rule, req.parts, req.body, req.peer)
+                        .await
+                }
             };
             match outcome {
                 ClaimOutcome::Claimed { token } => {
-                    tracing::debug!(route = %route.name, key = %redacted, token, "claimed");
+                    tracing::debug!(route = %route.name, key = %req.redacted, token, "claimed");
                     let claim = Claim {
                         route: Arc::clone(&route.name),
-                        key,
+                        key: req.key,
                         token,
-                        redacted,
+                        redacted: req.redacted,
                     };
                     return self
-                        .forward_claimed(claim, rule.clone(), parts, body, peer)
+                        .forward_claimed(live, claim, rule.clone(), req.parts, req.body, req.peer)
                         .await;
                 }
                 ClaimOutcome::Completed(rec) => {
-                    if !rec.fingerprint.matches(&fp) {
+                    if !rec.fingerprint.matches(&req.fp) {
                         return Err(ProxyError::FingerprintMismatch);
                     }
-                    tracing::debug!(route = %route.name, key = %redacted, "replayed");
-                    return Ok(replay(&rec, rule.duplicate_status));
+                    tracing::debug!(route = %route.name, key = %req.redacted, "replayed");
+                    return Ok(tagged(
+                        replay(&rec, rule.duplicate_status),
+                        Outcome::Replayed,
+                    ));
                 }
                 ClaimOutcome::InFlight {
                     fingerprint,
                     retry_after,
                 } => {
-                    if !fingerprint.matches(&fp) {
+                    if !fingerprint.matches(&req.fp) {
                         return Err(ProxyError::FingerprintMismatch);
                     }
                     let Some(w) = watch.as_mut() else {
@@ -191,6 +205,7 @@ impl Proxy {
                     if now >= give_up {
                         return Err(ProxyError::InFlight { retry_after });
                     }
+                    waiting.get_or_insert_with(InflightGuard::waiting);
                     // Woken in-process when the key changes; the timer only covers an owner that died
                     // (its lease must run out) and the wait bound. No store resource is held meanwhile.
                     tokio::select! {
@@ -202,65 +217,10 @@ impl Proxy {
         }
     }
 
-    /// The store failed before anything was claimed: refuse (503) or forward unprotected.
-    async fn store_failed(
-        &self,
-        e: StoreError,
-        rule: &Rule,
-        parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
-    ) -> Result<Response<Body>, ProxyError> {
-        match rule.on_store_error {
-            StoreErrorMode::Reject => Err(ProxyError::StoreUnavailable(e)),
-            StoreErrorMode::Pass => {
-                tracing::warn!(error = %e, "store failed; forwarding without idempotency protection");
-                self.forward_unprotected(parts, body, peer, Some(())).await
-            }
-        }
-    }
-
-    /// Forwards a buffered request without a claim (no key on an optional route, or degraded mode).
-    async fn forward_unprotected(
-        &self,
-        parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
-        degraded: Option<()>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let req = self.upstream_request(parts, full(body), peer)?;
-        let resp = self
-            .upstream
-            .send(req, self.upstream.timeout)
-            .await
-            .map_err(into_proxy_error)?;
-        let mut resp = upstream_response(resp);
-        if degraded.is_some() {
-            resp.headers_mut()
-                .insert(DEGRADED, HeaderValue::from_static("true"));
-        }
-        Ok(resp)
-    }
-
-    /// Pass-through: body streamed both ways, no limit, nothing stored.
-    pub(super) async fn pass_through(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<Response<Body>, ProxyError> {
-        let (parts, body) = req.into_parts();
-        let req = self.upstream_request(parts, stream(body), peer)?;
-        let resp = self
-            .upstream
-            .send(req, self.upstream.timeout)
-            .await
-            .map_err(into_proxy_error)?;
-        Ok(upstream_response(resp))
-    }
-
     /// Phase 4: exchange and record in a detached task; the client gets the answer when it is settled.
     async fn forward_claimed(
         self: &Arc<Self>,
+        live: &Arc<Live>,
         claim: Claim,
         rule: Rule,
         parts: Parts,
@@ -269,13 +229,14 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let (tx, rx) = oneshot::channel();
         let this = Arc::clone(self);
+        let live = Arc::clone(live);
         self.tasks.spawn(async move {
             let mut guard = AbandonGuard {
                 store: Arc::clone(&this.store),
                 token: claim.token,
                 armed: true,
             };
-            let resp = this.exchange(&claim, &rule, parts, body, peer).await;
+            let resp = this.exchange(&live, &claim, &rule, parts, body, peer).await;
             guard.armed = false;
             // The client may be gone; the result is recorded either way.
             let _ = tx.send(resp);
@@ -283,70 +244,66 @@ impl Proxy {
         rx.await.unwrap_or(Err(ProxyError::Internal))
     }
 
-    /// Sends the claimed request and settles the claim from the outcome.
+    /// Phase 5: sends the claimed request and settles the claim from the outcome.
     async fn exchange(
         &self,
+        live: &Live,
         claim: &Claim,
         rule: &Rule,
-        parts: Parts,
+        mut parts: Parts,
         body: Bytes,
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
+        if let Err(e) = upstream_request(&live.upstream, &mut parts, peer) {
+            self.release(claim).await;
+            return Err(e);
+        }
         let started = Instant::now();
-        let req = match self.upstream_request(parts, full(body), peer) {
-            Ok(r) => r,
-            Err(e) => {
-                self.release(claim).await;
-                return Err(e);
-            }
-        };
-        let budget = self.upstream.timeout;
-        let resp = match self.upstream.send(req, budget).await {
+        let budget = live.upstream.timeout;
+        let sent = live
+            .upstream
+            .send(Request::from_parts(parts, full(body)), budget)
+            .await;
+        let resp = match sent {
             Ok(r) => r,
             Err(UpstreamError::Connect(e)) => {
                 // Nothing was sent: always free the key.
                 self.release(claim).await;
-                return Err(ProxyError::UpstreamUnreachable(e));
+                let e = ProxyError::UpstreamUnreachable(e);
+                tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream unreachable; key released");
+                return Ok(tagged(e.response(), Outcome::Released));
             }
-            Err(e) => return self.settle_error(claim, rule, into_proxy_error(e)).await,
+            Err(e) => return Ok(self.settle_error(claim, rule, into_proxy_error(e)).await),
         };
         let (mut head, upstream_body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
         if rule.release_statuses.contains(&head.status) {
+            metrics::upstream_duration(&claim.route, started.elapsed());
             self.release(claim).await;
             tracing::debug!(route = %claim.route, key = %claim.redacted, status = head.status.as_u16(), "released on status");
-            return Ok(Response::from_parts(head, stream(upstream_body)));
+            return Ok(tagged(
+                Response::from_parts(head, stream(upstream_body)),
+                Outcome::Released,
+            ));
         }
         let left = budget.saturating_sub(started.elapsed());
         let captured =
-            match tokio::time::timeout(left, capture(upstream_body, self.limits.max_response_body))
-                .await
-            {
-                Err(_) => {
-                    return self
-                        .settle_error(claim, rule, ProxyError::UpstreamTimeout)
-                        .await
-                }
-                Ok(Err(e)) => {
-                    return self
-                        .settle_error(claim, rule, ProxyError::UpstreamFailed(Box::new(e)))
-                        .await
-                }
-                Ok(Ok(c)) => c,
-            };
-        let (recorded_body, omitted) = match &captured {
-            Captured::Full(b) => (b.clone(), false),
-            Captured::Over { .. } => (Bytes::new(), true),
-        };
-        let result = if rule.store_response {
-            NewResult {
-                status: head.status.as_u16(),
-                headers: recordable(&head.headers),
-                body: recorded_body,
-                body_omitted: omitted,
-                seen_only: false,
+            tokio::time::timeout(left, capture(upstream_body, live.limits.max_response_body)).await;
+        metrics::upstream_duration(&claim.route, started.elapsed());
+        let captured = match captured {
+            Err(_) => {
+                return Ok(self
+                    .settle_error(claim, rule, ProxyError::UpstreamTimeout)
+                    .await)
             }
-        } else {
+            Ok(Err(e)) => {
+                return Ok(self
+                    .settle_error(claim, rule, ProxyError::UpstreamFailed(Box::new(e)))
+                    .await)
+            }
+            Ok(Ok(c)) => c,
+        };
+        let result = if !rule.store_response {
             NewResult {
                 status: head.status.as_u16(),
                 headers: Vec::new(),
@@ -354,7 +311,20 @@ impl Proxy {
                 body_omitted: false,
                 seen_only: true,
             }
+        } else {
+            let (body, body_omitted) = match &captured {
+                Captured::Full(b) => (b.clone(), false),
+                Captured::Over { .. } => (Bytes::new(), true),
+            };
+            NewResult {
+                status: head.status.as_u16(),
+                headers: recordable(&head.headers),
+                body,
+                body_omitted,
+                seen_only: false,
+            }
         };
+        // Durable before the client sees a byte: a crash after this point replays, never re-executes.
         self.record(claim, rule, result).await;
         let body = match captured {
             Captured::Full(b) => {
@@ -364,20 +334,16 @@ impl Proxy {
             }
             Captured::Over { prefix, rest } => Prefixed::boxed_body(prefix, rest),
         };
-        Ok(Response::from_parts(head, body))
+        Ok(tagged(Response::from_parts(head, body), Outcome::Forwarded))
     }
 
     /// A failure after the request may have reached the upstream: release if its status is listed in
     /// `release_statuses` (the default for 502/504), otherwise record the error as the result.
-    async fn settle_error(
-        &self,
-        claim: &Claim,
-        rule: &Rule,
-        e: ProxyError,
-    ) -> Result<Response<Body>, ProxyError> {
+    async fn settle_error(&self, claim: &Claim, rule: &Rule, e: ProxyError) -> Response<Body> {
         if rule.release_statuses.contains(&e.status()) {
             self.release(claim).await;
-            return Err(e);
+            tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; key released");
+            return tagged(e.response(), Outcome::Released);
         }
         let resp = e.response();
         let result = NewResult {
@@ -389,7 +355,7 @@ impl Proxy {
         };
         tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; recorded as the result");
         self.record(claim, rule, result).await;
-        Err(e)
+        tagged(resp, Outcome::Forwarded)
     }
 
     async fn record(&self, claim: &Claim, rule: &Rule, result: NewResult) {
@@ -418,37 +384,99 @@ impl Proxy {
             self.store.abandon(claim.token);
         }
     }
+}
 
-    /// Rewrites a client request for the upstream.
-    fn upstream_request(
+impl Live {
+    /// The store failed before anything was claimed: refuse (503) or forward unprotected.
+    async fn store_failed(
+        &self,
+        e: StoreError,
+        rule: &Rule,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        match rule.on_store_error {
+            StoreErrorMode::Reject => Err(ProxyError::StoreUnavailable(e)),
+            StoreErrorMode::Pass => {
+                tracing::warn!(error = %e, "store failed; forwarding without idempotency protection");
+                self.forward_unprotected(parts, body, peer, true).await
+            }
+        }
+    }
+
+    /// Forwards a buffered request without a claim (no key on an optional route, or degraded mode).
+    async fn forward_unprotected(
         &self,
         mut parts: Parts,
-        body: Body,
+        body: Bytes,
         peer: SocketAddr,
-    ) -> Result<Request<Body>, ProxyError> {
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        strip_hop_by_hop(&mut parts.headers);
-        add_forwarded(&mut parts.headers, peer.ip(), "http", host);
-        parts.headers.insert(header::HOST, self.upstream.host());
-        parts.uri = self
+        degraded: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        upstream_request(&self.upstream, &mut parts, peer)?;
+        let resp = self
             .upstream
-            .uri_for(parts.uri.path_and_query())
-            .map_err(|e| ProxyError::BadRequestBody(Box::new(e)))?;
-        // The upstream client speaks HTTP/1.1 whatever the client spoke.
-        parts.version = http::Version::HTTP_11;
-        Ok(Request::from_parts(parts, body))
+            .send(
+                Request::from_parts(parts, full(body)),
+                self.upstream.timeout,
+            )
+            .await
+            .map_err(into_proxy_error)?;
+        let mut resp = upstream_response(resp);
+        if degraded {
+            resp.headers_mut()
+                .insert(DEGRADED, HeaderValue::from_static("true"));
+        }
+        Ok(resp)
     }
+
+    /// Pass-through: body streamed both ways, no limit, nothing stored.
+    pub(super) async fn pass_through(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        upstream_request(&self.upstream, &mut parts, peer)?;
+        let resp = self
+            .upstream
+            .send(
+                Request::from_parts(parts, stream(body)),
+                self.upstream.timeout,
+            )
+            .await
+            .map_err(into_proxy_error)?;
+        Ok(upstream_response(resp))
+    }
+}
+
+/// Rewrites a client request's head for the upstream: hop-by-hop headers out, `X-Forwarded-*` in,
+/// `Host` and the URI pointed at the upstream (a client cannot redirect the proxy), HTTP/1.1.
+fn upstream_request(up: &Upstream, parts: &mut Parts, peer: SocketAddr) -> Result<(), ProxyError> {
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    add_forwarded(&mut parts.headers, peer.ip(), "http", host);
+    parts.headers.insert(header::HOST, up.host());
+    parts.uri = up
+        .uri_for(parts.uri.path_and_query())
+        .map_err(|e| ProxyError::BadRequestBody(Box::new(e)))?;
+    // The upstream client speaks HTTP/1.1 whatever the client spoke.
+    parts.version = http::Version::HTTP_11;
+    Ok(())
 }
 
 fn upstream_response(resp: Response<Incoming>) -> Response<Body> {
     let (mut head, body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
-    Response::from_parts(head, stream(body))
+    tagged(
+        Response::from_parts(head, stream(body)),
+        Outcome::Passthrough,
+    )
 }
 
 fn into_proxy_error(e: UpstreamError) -> ProxyError {

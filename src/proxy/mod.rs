@@ -3,7 +3,8 @@
 //! `flow`: select route → buffer body → derive key → claim → forward → record → respond.
 //!
 //! The proxy holds an `Arc<dyn Store>` and an [`upstream::Upstream`]; it never sees sockets, TLS, sled or
-//! Redis types.
+//! Redis types. What a config reload may change (routes, rules, upstream, limits) lives in one [`Live`]
+//! value swapped atomically: a request keeps the `Live` it started with.
 
 pub mod body;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
@@ -22,7 +24,11 @@ use tokio_util::task::TaskTracker;
 pub use body::Body;
 pub use error::ProxyError;
 
-use crate::{config::Config, store::Store};
+use crate::{
+    admin::metrics::{self, InflightGuard, Outcome},
+    config::Config,
+    store::Store,
+};
 
 /// Size and time limits of the pipeline.
 #[derive(Debug, Clone, Copy)]
@@ -35,13 +41,33 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
+/// Everything a reload replaces at once.
+#[derive(Debug)]
+pub struct Live {
+    rules: rules::Rules,
+    upstream: upstream::Upstream,
+    limits: Limits,
+}
+
+impl Live {
+    fn new(cfg: &Config) -> Result<Self, SetupError> {
+        Ok(Self {
+            rules: rules::Rules::new(cfg)?,
+            upstream: upstream::Upstream::new(&cfg.upstream)?,
+            limits: Limits {
+                max_request_body: cfg.server.max_request_body,
+                max_response_body: cfg.server.max_response_body,
+                request_timeout: cfg.server.request_timeout,
+            },
+        })
+    }
+}
+
 /// The idempotency proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    rules: rules::Rules,
+    live: ArcSwap<Live>,
     store: Arc<dyn Store>,
-    upstream: upstream::Upstream,
-    limits: Limits,
     /// Upstream exchanges and recordings run here, detached from the client's connection, so they
     /// finish even if the client goes away; shutdown waits for them.
     tasks: TaskTracker,
@@ -62,16 +88,16 @@ impl Proxy {
     /// Builds the proxy for a validated config.
     pub fn new(cfg: &Config, store: Arc<dyn Store>) -> Result<Self, SetupError> {
         Ok(Self {
-            rules: rules::Rules::new(cfg)?,
+            live: ArcSwap::from_pointee(Live::new(cfg)?),
             store,
-            upstream: upstream::Upstream::new(&cfg.upstream)?,
-            limits: Limits {
-                max_request_body: cfg.server.max_request_body,
-                max_response_body: cfg.server.max_response_body,
-                request_timeout: cfg.server.request_timeout,
-            },
             tasks: TaskTracker::new(),
         })
+    }
+
+    /// Applies a reloaded config to new requests; requests already running keep the old one.
+    pub fn reload(&self, cfg: &Config) -> Result<(), SetupError> {
+        self.live.store(Arc::new(Live::new(cfg)?));
+        Ok(())
     }
 
     /// Answers one request (never fails: errors become problem+json responses).
@@ -80,19 +106,28 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
+        let _inflight = InflightGuard::request();
+        let live = self.live.load_full();
+        let route = live.rules.select(req.uri().path());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let result = match tokio::time::timeout(
-            self.limits.request_timeout,
-            Arc::clone(&self).handle_inner(req, peer),
+            live.limits.request_timeout,
+            self.handle_inner(&live, route, req, peer),
         )
         .await
         {
             Ok(r) => r,
             Err(_) => Err(ProxyError::UpstreamTimeout),
         };
-        match result {
-            Ok(resp) => resp,
+        let (resp, outcome) = match result {
+            Ok(mut resp) => {
+                let outcome = resp
+                    .extensions_mut()
+                    .remove::<Outcome>()
+                    .unwrap_or(Outcome::Passthrough);
+                (resp, outcome)
+            }
             Err(e) => {
                 // Logged once, here, where the error becomes a response.
                 if e.is_client_error() {
@@ -100,9 +135,11 @@ impl Proxy {
                 } else {
                     tracing::warn!(%method, %path, status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
                 }
-                e.response()
+                (e.response(), e.outcome())
             }
-        }
+        };
+        metrics::request(&route.name, outcome);
+        resp
     }
 
     /// The store behind the proxy.
@@ -115,4 +152,25 @@ impl Proxy {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+impl ProxyError {
+    /// The metrics outcome of a request that ended in this error (errors of claimed requests are
+    /// settled, and counted, in `flow`).
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::FingerprintMismatch => Outcome::Mismatch,
+            Self::InFlight { .. } => Outcome::Conflict,
+            Self::UpstreamUnreachable(_) | Self::UpstreamTimeout | Self::UpstreamFailed(_) => {
+                Outcome::Passthrough
+            }
+            _ => Outcome::Rejected,
+        }
+    }
+}
+
+/// Tags a response with its outcome for the request counter.
+fn tagged(mut resp: Response<Body>, outcome: Outcome) -> Response<Body> {
+    resp.extensions_mut().insert(outcome);
+    resp
 }

@@ -25,6 +25,7 @@
 //!   before `complete` returns.
 
 mod flusher;
+pub mod instrumented;
 pub mod memory;
 pub mod record;
 pub mod sled;
@@ -167,6 +168,22 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Backend name for logs and metrics.
     fn backend(&self) -> &'static str;
+
+    /// Size and durability counters, where the backend has them.
+    fn stats(&self) -> BackendStats {
+        BackendStats::default()
+    }
+}
+
+/// Counters a backend may expose for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Bytes on disk.
+    pub size_on_disk: Option<u64>,
+    /// Flushes performed (group commit).
+    pub flushes: u64,
+    /// Writes that asked to be durable.
+    pub durable_writes: u64,
 }
 
 /// Seconds to tell a client to wait: time left on a lease, rounded up, at least one second.

@@ -421,6 +421,15 @@ impl Store for SledStore {
     fn backend(&self) -> &'static str {
         "sled"
     }
+
+    fn stats(&self) -> super::BackendStats {
+        let f = self.inner.flusher.stats();
+        super::BackendStats {
+            size_on_disk: self.inner.db.size_on_disk().ok(),
+            flushes: f.flushes,
+            durable_writes: f.writes,
+        }
+    }
 }
 
 fn backend_err_len(_: std::array::TryFromSliceError) -> StoreError {

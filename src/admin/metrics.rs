@@ -1,0 +1,197 @@
+//! Prometheus metrics: names, help texts and buckets in one place, recorded through the `metrics` facade
+//! and rendered by the admin listener's `GET /metrics`.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `idemproxy_requests_total` | counter | `route`, `outcome` (forwarded, replayed, conflict, mismatch, rejected, passthrough, released) |
+//! | `idemproxy_upstream_duration_seconds` | histogram | `route` |
+//! | `idemproxy_store_duration_seconds` | histogram | `op` (claim, complete, release, lookup, list, purge, sweep, flush, ping) |
+//! | `idemproxy_store_errors_total` | counter | `op` |
+//! | `idemproxy_inflight` | gauge | requests being handled |
+//! | `idemproxy_waiting` | gauge | duplicates waiting for their first request (`on_in_flight = "wait"`) |
+//! | `idemproxy_records_stored_total` | counter | results recorded |
+//! | `idemproxy_sweeper_runs_total`, `idemproxy_records_expired_total` | counter | |
+//! | `idemproxy_store_size_bytes` | gauge | bytes on disk (sled) |
+//! | `idemproxy_store_flushes_total`, `idemproxy_store_durable_writes_total` | counter | group commit: fsyncs, and writes they covered |
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// How a request ended, for `idemproxy_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Claimed, forwarded and recorded.
+    Forwarded,
+    /// Answered from a record.
+    Replayed,
+    /// 409: the first request is still in flight.
+    Conflict,
+    /// 422: the key was used with another request.
+    Mismatch,
+    /// Refused by the proxy (400, 413, 503).
+    Rejected,
+    /// Not under idempotency rules (or no key on an optional route, or degraded).
+    Passthrough,
+    /// Claimed and forwarded, then released (release status, or upstream failure).
+    Released,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Replayed => "replayed",
+            Self::Conflict => "conflict",
+            Self::Mismatch => "mismatch",
+            Self::Rejected => "rejected",
+            Self::Passthrough => "passthrough",
+            Self::Released => "released",
+        }
+    }
+}
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder (first call only) and returns the handle that renders it. `None` when
+/// another recorder was installed first (an embedding application's).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ];
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    describe_counter!(
+        "idemproxy_requests_total",
+        "Requests handled, by route and outcome"
+    );
+    describe_histogram!(
+        "idemproxy_upstream_duration_seconds",
+        Unit::Seconds,
+        "Upstream exchange time"
+    );
+    describe_histogram!(
+        "idemproxy_store_duration_seconds",
+        Unit::Seconds,
+        "Store operation time"
+    );
+    describe_counter!(
+        "idemproxy_store_errors_total",
+        "Store operations that failed"
+    );
+    describe_gauge!("idemproxy_inflight", "Requests being handled");
+    describe_gauge!(
+        "idemproxy_waiting",
+        "Duplicates waiting for the first request with their key"
+    );
+    describe_counter!("idemproxy_records_stored_total", "Results recorded");
+    describe_counter!("idemproxy_sweeper_runs_total", "Sweeps of expired records");
+    describe_counter!(
+        "idemproxy_records_expired_total",
+        "Expired records deleted by the sweeper"
+    );
+    describe_gauge!(
+        "idemproxy_store_size_bytes",
+        Unit::Bytes,
+        "Store size on disk"
+    );
+    describe_counter!(
+        "idemproxy_store_flushes_total",
+        "Flushes to disk (group commit)"
+    );
+    describe_counter!(
+        "idemproxy_store_durable_writes_total",
+        "Writes made durable by those flushes"
+    );
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    match install() {
+        Some(h) => {
+            h.run_upkeep();
+            h.render()
+        }
+        None => String::new(),
+    }
+}
+
+/// Counts one request.
+pub fn request(route: &str, outcome: Outcome) {
+    counter!("idemproxy_requests_total", "route" => route.to_owned(), "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Records one upstream exchange.
+pub fn upstream_duration(route: &str, d: Duration) {
+    histogram!("idemproxy_upstream_duration_seconds", "route" => route.to_owned())
+        .record(d.as_secs_f64());
+}
+
+/// Records one store operation.
+pub fn store_op(op: &'static str, d: Duration, ok: bool) {
+    histogram!("idemproxy_store_duration_seconds", "op" => op).record(d.as_secs_f64());
+    if !ok {
+        counter!("idemproxy_store_errors_total", "op" => op).increment(1);
+    }
+}
+
+/// One result recorded.
+pub fn record_stored() {
+    counter!("idemproxy_records_stored_total").increment(1);
+}
+
+/// One sweep that deleted `expired` records.
+pub fn swept(expired: u64) {
+    counter!("idemproxy_sweeper_runs_total").increment(1);
+    counter!("idemproxy_records_expired_total").increment(expired);
+}
+
+/// Store size and group-commit counters (absolute values, sampled).
+pub fn store_stats(size_bytes: Option<u64>, flushes: u64, durable_writes: u64) {
+    if let Some(s) = size_bytes {
+        gauge!("idemproxy_store_size_bytes").set(s as f64);
+    }
+    counter!("idemproxy_store_flushes_total").absolute(flushes);
+    counter!("idemproxy_store_durable_writes_total").absolute(durable_writes);
+}
+
+/// Counts a request as in flight while alive.
+#[derive(Debug)]
+pub struct InflightGuard(&'static str);
+
+impl InflightGuard {
+    /// A request being handled.
+    pub fn request() -> Self {
+        gauge!("idemproxy_inflight").increment(1.0);
+        Self("idemproxy_inflight")
+    }
+
+    /// A duplicate waiting for its first request.
+    pub fn waiting() -> Self {
+        gauge!("idemproxy_waiting").increment(1.0);
+        Self("idemproxy_waiting")
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        gauge!(self.0).decrement(1.0);
+    }
+}
