@@ -59,7 +59,10 @@ pub enum AppError {
     Unsupported(&'static str),
 }
 
-struct ProxyHandler(Arc<Proxy>);
+/// The proxy as a [`Handler`] for [`server::serve`] (public so tests can serve a proxy built on a store
+/// of their own, e.g. one that injects faults).
+#[derive(Debug)]
+pub struct ProxyHandler(pub Arc<Proxy>);
 
 impl Handler for ProxyHandler {
     fn call(&self, req: http::Request<hyper::body::Incoming>, peer: SocketAddr) -> ResponseFuture {
