@@ -1,10 +1,11 @@
 //! The embedded, durable store on sled 0.34.
 //!
-//! Trees: `records` (store key → encoded [`Record`]), `expiry` (big-endian unix ms ‖ store key → empty),
-//! `meta` (schema version). Every state change is a `compare_and_swap` on `records`, retried from a fresh
-//! read when it loses a race, so two claimers can never both win. The expiry index entry is written
-//! *before* the record it points to: a crash in between leaves an orphan index entry (removed when its
-//! time comes) rather than a record the sweeper would never find. The sweeper re-reads each record
+//! Trees: `records` (store key → encoded [`Record`]), `expiry` (big-endian unix ms ‖ store key → empty,
+//! for completed records), `meta` (schema version, clean-stop flag). Every state change is a `compare_and_swap` on `records`, retried from a fresh
+//! read when it loses a race, so two claimers can never both win. The expiry index entry of a result is
+//! written *before* the record it points to: a crash in between leaves an orphan index entry (removed
+//! when its time comes) rather than a record the sweeper would never find. Claims are short-lived and
+//! not indexed; the few that an unclean stop leaves behind are indexed by a scan at the next open. The sweeper re-reads each record
 //! before deleting it, so a stale index entry never deletes a live record.
 //!
 //! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once the write is
@@ -22,7 +23,7 @@ use async_trait::async_trait;
 use super::{
     flusher::{FlushStats, Flusher},
     retry_after,
-    watch::{LiveOwners, Watchers},
+    watch::Watchers,
     ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
     SweepStats,
 };
@@ -52,6 +53,54 @@ pub struct SledOptions {
 #[derive(Debug, Clone)]
 pub struct SledStore {
     inner: Arc<Inner>,
+    meta: sled::Tree,
+}
+
+/// Live owners of this process and the keys they hold.
+#[derive(Debug, Default)]
+struct Owners(std::sync::Mutex<std::collections::HashMap<u64, [u8; 64]>>);
+
+impl Owners {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, [u8; 64]>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn insert(&self, token: u64, key: [u8; 64]) {
+        self.map().insert(token, key);
+    }
+    fn remove(&self, token: u64) -> Option<[u8; 64]> {
+        self.map().remove(&token)
+    }
+    fn contains(&self, token: u64) -> bool {
+        self.map().contains_key(&token)
+    }
+    fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+}
+
+/// `meta` key: 1 after a clean stop with no claim in flight.
+const CLEAN: &str = "clean";
+
+/// Puts every in-flight claim into the expiry index (after an unclean stop); returns how many.
+fn index_leftover_claims(records: &sled::Tree, expiry: &sled::Tree) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for item in records.iter() {
+        let (k, v) = item?;
+        if let (Ok(Record::InFlight(f)), Ok(key)) =
+            (Record::decode(&v), <[u8; 64]>::try_from(k.as_ref()))
+        {
+            expiry.insert(index_key(f.deadline_ms, &key), &[])?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn index_key(at_ms: u64, key: &[u8; 64]) -> [u8; 72] {
+    let mut k = [0u8; 72];
+    k[..8].copy_from_slice(&at_ms.to_be_bytes());
+    k[8..].copy_from_slice(key);
+    k
 }
 
 #[derive(Debug)]
@@ -61,7 +110,8 @@ struct Inner {
     expiry: sled::Tree,
     flusher: Flusher,
     sync: SyncPolicy,
-    live: LiveOwners,
+    /// Claims whose owner is alive in this process: token → store key.
+    live: Owners,
     watchers: Arc<Watchers>,
     clock: Arc<dyn Clock>,
 }
@@ -104,16 +154,37 @@ impl SledStore {
         }
         let records = db.open_tree("records")?;
         let expiry = db.open_tree("expiry")?;
+        // Claims are not put in the expiry index (it would cost a write per request, for the rare
+        // claim a crash leaves behind); after an unclean stop they are found by a scan instead.
+        let clean = meta.get(CLEAN)?.is_some_and(|v| v.as_ref() == [1]);
+        meta.insert(CLEAN, &[0])?;
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
         let flusher = Flusher::start(db.clone(), every).map_err(backend_err)?;
+        if !clean {
+            let (records, expiry) = (records.clone(), expiry.clone());
+            std::thread::Builder::new()
+                .name("idemproxy-recover".into())
+                .spawn(move || match index_leftover_claims(&records, &expiry) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        claims = n,
+                        "unclean stop: claims left in flight will expire with their lease"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "scan for claims left by an unclean stop failed")
+                    }
+                })
+                .map_err(backend_err)?;
+        }
         Ok(Self {
+            meta,
             inner: Arc::new(Inner {
                 db,
                 records,
                 expiry,
                 flusher,
                 sync: opts.sync,
-                live: LiveOwners::default(),
+                live: Owners::default(),
                 watchers: Arc::default(),
                 clock,
             }),
@@ -140,9 +211,13 @@ impl SledStore {
         self.inner.records.is_empty()
     }
 
-    /// Final flush and stop of the flusher thread.
+    /// Final flush and stop of the flusher thread. The store is marked clean only if no claim is left
+    /// in flight (otherwise the next open scans for them).
     pub fn close(&self) {
         self.inner.flusher.stop();
+        if self.inner.live.is_empty() && self.meta.insert(CLEAN, &[1]).is_ok() {
+            let _ = self.inner.db.flush();
+        }
     }
 }
 
@@ -165,10 +240,7 @@ impl Inner {
     }
 
     fn index(&self, at_ms: u64, key: &[u8; 64]) -> Result<(), StoreError> {
-        let mut k = [0u8; 72];
-        k[..8].copy_from_slice(&at_ms.to_be_bytes());
-        k[8..].copy_from_slice(key);
-        self.expiry.insert(k, &[])?;
+        self.expiry.insert(index_key(at_ms, key), &[])?;
         Ok(())
     }
 
@@ -260,12 +332,11 @@ impl Store for SledStore {
                 deadline_ms: now.saturating_add(lease.as_millis() as u64),
                 fingerprint: fp,
             });
-            s.index(rec.expiry_ms(), &kb)?;
             let encoded = rec.encode();
             if !s.cas(&kb, cur.as_ref(), Some(encoded.clone()))? {
                 continue; // lost the race: look again
             }
-            s.live.insert(token);
+            s.live.insert(token, kb);
             if let Err(e) = s.durable(s.flusher.wrote()).await {
                 // Not durable: take the claim back so the client's retry is not refused for a lease.
                 s.live.remove(token);
@@ -394,7 +465,17 @@ impl Store for SledStore {
     }
 
     fn abandon(&self, token: u64) {
-        self.inner.live.remove(token);
+        // The owner died: index its claim at its deadline so the sweeper removes it if nobody retries.
+        let s = &*self.inner;
+        if let Some(kb) = s.live.remove(token) {
+            if let Ok(Some(cur)) = s.records.get(kb) {
+                if let Ok(Record::InFlight(f)) = Record::decode(&cur) {
+                    if f.token == token {
+                        let _ = s.index(f.deadline_ms, &kb);
+                    }
+                }
+            }
+        }
     }
 
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
@@ -451,4 +532,54 @@ pub fn open_default(
         },
         clock,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// A claim left by a crash (no clean close) is found at the next open and swept after its lease.
+    #[tokio::test]
+    async fn claims_left_by_a_crash_are_swept_after_their_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(10_000_000));
+        let key = StoreKey {
+            id: [3; 32],
+            scope: [4; 32],
+        };
+        let lease = Duration::from_secs(30);
+        {
+            let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+            assert!(matches!(
+                s.claim(&key, Fingerprint([1; 32]), lease).await.unwrap(),
+                ClaimOutcome::Claimed { .. }
+            ));
+            // Dropped without `close`: like a crash after the claim was made durable.
+        }
+        let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+        clock.advance(lease.as_millis() as u64);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // The scan runs in the background; sweep until it has indexed the claim.
+            if s.sweep().await.unwrap().expired == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "leftover claim never swept"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(s.is_empty());
+        s.close();
+        drop(s);
+        // A clean close with nothing in flight marks the store clean: no scan next time.
+        let s = open_default(dir.path(), SyncPolicy::Always, clock).unwrap();
+        assert!(!s
+            .meta
+            .get(CLEAN)
+            .unwrap()
+            .is_some_and(|v| v.as_ref() == [1]));
+    }
 }
