@@ -2,6 +2,8 @@
 //! encoding/decoding, and a store claim + complete on sled (`sync = "periodic"` and `"always"`) and in
 //! memory. Run: `cargo bench --bench hot_paths`.
 
+#![allow(clippy::unwrap_used)] // a benchmark: a failure should stop it loudly
+
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use bytes::Bytes;

@@ -16,6 +16,7 @@ use crate::{
     server::{self, shutdown::Hangups, Drain, Handler, ResponseFuture, ServeOptions},
     store::{
         instrumented::Instrumented,
+        redis::{redacted_url, RedisOptions, RedisStore},
         sled::{SledOptions, SledStore},
         Store, StoreError,
     },
@@ -54,6 +55,9 @@ pub enum AppError {
     /// The proxy could not be built.
     #[error(transparent)]
     Setup(#[from] proxy::SetupError),
+    /// The TLS listener's certificate, key or client CA could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] server::tls::TlsError),
     /// A configured feature that this build does not serve yet.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -73,9 +77,16 @@ impl Handler for ProxyHandler {
 /// Opens the configured store.
 fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), AppError> {
     match config.store.backend {
-        Backend::Redis => Err(AppError::Unsupported(
-            "store.backend = \"redis\" is not available in this build yet; use \"sled\"",
-        )),
+        Backend::Redis => {
+            // Validation guarantees a URL with backend = "redis".
+            let url = config.store.redis_url.as_deref().unwrap_or_default();
+            let opts = RedisOptions::new(url, &config.store.key_prefix);
+            let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
+                path: redacted_url(url),
+                source,
+            })?;
+            Ok((Arc::new(Instrumented(Arc::new(s))), None))
+        }
         Backend::Sled => {
             let opts = SledOptions {
                 path: config.store.path.clone(),
@@ -94,18 +105,22 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
     }
 }
 
-/// Runs the proxy until `shutdown` resolves (normally [`server::shutdown::signal`]); returns how the
+/// Runs the proxy until `shutdown` resolves (normally [`server::shutdown::signal_then_force`]); returns how the
 /// drain went.
 pub async fn run(
     config: Config,
     source: Option<ConfigSource>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Drain, AppError> {
-    if config.server.tls.is_some() {
-        return Err(AppError::Unsupported(
-            "server.tls is not available in this build yet; terminate TLS in front of idemproxy",
-        ));
-    }
+    // Certificates are read before anything is opened or bound: a bad file fails the start at once.
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(server::ServerTls::load)
+        .transpose()?;
+    // SIGHUP's default action kills the process: listen for it before anything is bound or announced.
+    let hangups = Hangups::new();
     metrics::install();
     let (store, sled) = open_store(&config)?;
     let proxy = Arc::new(Proxy::new(&config, Arc::clone(&store))?);
@@ -135,6 +150,8 @@ pub async fn run(
             config.clone(),
             Arc::clone(&proxy),
             Arc::clone(&settings),
+            tls.clone(),
+            hangups,
             stop_rx.clone(),
         ))
     });
@@ -153,12 +170,20 @@ pub async fn run(
         "idemproxy starting"
     );
     tracing::info!("admin listener on {admin_addr}");
+    if let Some(t) = &tls {
+        tracing::info!(
+            handshake_timeout = ?t.handshake_timeout(),
+            client_certificates = if t.client_auth() { "required" } else { "not requested" },
+            "TLS enabled (ALPN h2, http/1.1)"
+        );
+    }
     tracing::info!("listening on {addr}");
 
     let draining = Arc::clone(&readiness);
     let started = Instant::now();
-    let drain = server::serve(
+    let drain = server::serve_with(
         listener,
+        tls,
         Arc::new(ProxyHandler(Arc::clone(&proxy))),
         opts,
         async move {
@@ -240,9 +265,10 @@ async fn reload_loop(
     mut current: Config,
     proxy: Arc<Proxy>,
     settings: Arc<ArcSwap<AdminSettings>>,
+    tls: Option<server::ServerTls>,
+    mut hangups: Hangups,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut hangups = Hangups::new();
     loop {
         tokio::select! {
             () = hangups.next() => {}
@@ -274,6 +300,16 @@ async fn reload_loop(
                 Err(e) => tracing::error!(error = %e, "reload failed: the running config is kept"),
             },
         }
+        // Certificate files are read again on every SIGHUP (rotation), even when the config file is
+        // unchanged or invalid; the paths are those of the running config.
+        if let (Some(t), Some(cfg)) = (&tls, &current.server.tls) {
+            match t.reload(cfg) {
+                Ok(()) => tracing::info!(cert = %cfg.cert.display(), "TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!("TLS reload failed: {e}; the current certificates stay in use")
+                }
+            }
+        }
     }
 }
 
@@ -291,8 +327,13 @@ pub fn reload(
     if new.server.listen != current.server.listen {
         restart.push("server.listen");
     }
-    if !same(&new.server.tls, &current.server.tls) {
-        restart.push("server.tls");
+    // Certificate, key and client CA paths apply on reload; switching TLS on or off does not.
+    match (&new.server.tls, &current.server.tls) {
+        (Some(a), Some(b)) if a.handshake_timeout != b.handshake_timeout => {
+            restart.push("server.tls.handshake_timeout");
+        }
+        (Some(_), Some(_)) | (None, None) => {}
+        _ => restart.push("server.tls"),
     }
     if new.server.header_read_timeout != current.server.header_read_timeout {
         restart.push("server.header_read_timeout");

@@ -12,6 +12,7 @@
 //! - [`server`]: accept loops, connection handling and graceful shutdown; knows nothing about idempotency.
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
 //! - [`app`]: wires the pieces together for `idemproxy run` and `idemproxy demo`.
+//! - [`health`]: `idemproxy health`, the shell-free probe behind the container image's `HEALTHCHECK`.
 
 pub mod admin;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod key;
 pub mod proxy;
 pub mod server;

@@ -18,7 +18,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a graceful shutdown waits for requests in flight before giving up.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// TCP connect timeout to the upstream.
+/// Bound on a client's TLS handshake (`[server.tls] handshake_timeout`).
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect timeout to the upstream (TCP, plus the TLS handshake for an https upstream).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one upstream exchange (headers and recorded body).
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);

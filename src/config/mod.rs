@@ -83,19 +83,30 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
-    /// HTTPS listener (served by a later release; validated now).
+    /// HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN); `None`: plain HTTP.
     pub tls: Option<TlsConfig>,
 }
 
-/// `[server.tls]`.
+/// `[server.tls]`. The files are read when the proxy starts and again on SIGHUP.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
-    /// PEM certificate chain.
+    /// PEM certificate chain (leaf first).
     pub cert: PathBuf,
-    /// PEM private key.
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
     /// PEM CA bundle: when set, clients must present a certificate it signed.
     pub client_ca: Option<PathBuf>,
+    /// Bound on a client's TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// A PEM certificate chain and its private key (a client identity for mTLS).
+#[derive(Debug, Clone)]
+pub struct CertKey {
+    /// PEM certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// `[upstream]`.
@@ -107,8 +118,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Bound on one upstream exchange.
     pub timeout: Duration,
-    /// CA bundle for an HTTPS upstream.
+    /// CA bundle for an HTTPS upstream: when set, only these CAs are trusted (else the bundled web roots).
     pub ca_file: Option<PathBuf>,
+    /// Client certificate presented to an HTTPS upstream (`client_cert` + `client_key`).
+    pub client_auth: Option<CertKey>,
 }
 
 /// `[store]`.

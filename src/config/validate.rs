@@ -12,7 +12,7 @@ use http::{HeaderName, Method, StatusCode, Uri};
 use super::{
     defaults::*,
     file::{Problems, RawSize, Section},
-    AdminConfig, Backend, Config, ConfigErrors, FingerprintMode, InFlightMode, KeySource,
+    AdminConfig, Backend, CertKey, Config, ConfigErrors, FingerprintMode, InFlightMode, KeySource,
     Overrides, Route, Rule, ServerConfig, StoreConfig, StoreErrorMode, SyncPolicy, TlsConfig,
     UpstreamConfig,
 };
@@ -165,9 +165,11 @@ fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConfig> {
         duration(&mut s, "header_read_timeout", p).unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
     let shutdown_grace = duration(&mut s, "shutdown_grace", p).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let tls = s.take_table("tls", p).and_then(|mut t| {
-        let cert = t.take_str("cert", p);
-        let key = t.take_str("key", p);
-        let client_ca = t.take_str("client_ca", p).map(PathBuf::from);
+        let cert = file_path(&mut t, "cert", p);
+        let key = file_path(&mut t, "key", p);
+        let client_ca = file_path(&mut t, "client_ca", p);
+        let handshake_timeout = positive_duration(&mut t, "handshake_timeout", p)
+            .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT);
         if cert.is_none() {
             p.push(t.path_of("cert"), "missing: TLS needs both cert and key");
         }
@@ -176,9 +178,10 @@ fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConfig> {
         }
         t.finish(p);
         Some(TlsConfig {
-            cert: cert?.into(),
-            key: key?.into(),
+            cert: cert?,
+            key: key?,
             client_ca,
+            handshake_timeout,
         })
     });
     s.finish(p);
@@ -224,13 +227,34 @@ fn read_upstream(mut s: Section, p: &mut Problems) -> Option<UpstreamConfig> {
     };
     let connect_timeout = duration(&mut s, "connect_timeout", p).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let timeout = duration(&mut s, "timeout", p).unwrap_or(DEFAULT_UPSTREAM_TIMEOUT);
-    let ca_file = s.take_str("ca_file", p).map(PathBuf::from);
+    let ca_file = file_path(&mut s, "ca_file", p);
+    let client_cert = file_path(&mut s, "client_cert", p);
+    let client_key = file_path(&mut s, "client_key", p);
+    let client_auth = match (client_cert, client_key) {
+        (Some(cert), Some(key)) => Some(CertKey { cert, key }),
+        (Some(_), None) => {
+            p.push(
+                s.path_of("client_key"),
+                "missing: client_cert needs client_key (both or neither)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            p.push(
+                s.path_of("client_cert"),
+                "missing: client_key needs client_cert (both or neither)",
+            );
+            None
+        }
+        (None, None) => None,
+    };
     s.finish(p);
     Some(UpstreamConfig {
         url: url?,
         connect_timeout,
         timeout,
         ca_file,
+        client_auth,
     })
 }
 
@@ -596,6 +620,16 @@ fn addr(s: &mut Section, key: &str, default: &str, p: &mut Problems) -> Option<S
     }
 }
 
+/// A file path (PEM files). The files themselves are read when the proxy starts, where a missing or
+/// unparsable one is reported with this key's path.
+fn file_path(s: &mut Section, key: &str, p: &mut Problems) -> Option<PathBuf> {
+    let raw = s.take_str(key, p)?;
+    if raw.is_empty() {
+        p.push(s.path_of(key), "must not be empty (a path to a PEM file)");
+    }
+    Some(PathBuf::from(raw))
+}
+
 fn duration(s: &mut Section, key: &str, p: &mut Problems) -> Option<Duration> {
     let raw = s.take_str(key, p)?;
     match humantime::parse_duration(&raw) {
@@ -826,6 +860,72 @@ mod tests {
         assert_eq!(parse_size("42"), Some(42));
         assert_eq!(parse_size("1x"), None);
         assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn tls_keys_and_upstream_client_identity() {
+        let c = Config::parse(
+            r#"
+            [server]
+            tls = { cert = "c.pem", key = "k.pem", client_ca = "ca.pem", handshake_timeout = "3s" }
+            [upstream]
+            url = "https://api.example"
+            ca_file = "up-ca.pem"
+            client_cert = "me.pem"
+            client_key = "me.key"
+            "#,
+            &Overrides::default(),
+        )
+        .unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        let id = c.upstream.client_auth.unwrap();
+        assert_eq!((id.cert, id.key), ("me.pem".into(), "me.key".into()));
+
+        let d = Config::parse(
+            "[server]\ntls = { cert = \"c.pem\", key = \"k.pem\" }\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let tls = d.server.tls.unwrap();
+        assert_eq!(tls.handshake_timeout, DEFAULT_TLS_HANDSHAKE_TIMEOUT);
+        assert!(tls.client_ca.is_none());
+        assert!(d.upstream.client_auth.is_none());
+
+        let e = errors(
+            r#"
+            [server]
+            tls = { cert = "", handshake_timeout = "0s" }
+            [upstream]
+            client_cert = "me.pem"
+            "#,
+        );
+        assert!(
+            e.contains(&"server.tls.cert: must not be empty (a path to a PEM file)".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"server.tls.key: missing: TLS needs both cert and key".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"server.tls.handshake_timeout: must be greater than zero".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(
+                &"upstream.client_key: missing: client_cert needs client_key (both or neither)"
+                    .to_owned()
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.len(), 4, "{e:?}");
+        let e = errors("[upstream]\nclient_key = \"me.key\"\n");
+        assert_eq!(
+            e,
+            vec!["upstream.client_cert: missing: client_key needs client_cert (both or neither)"]
+        );
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub enum ProxyError {
     /// The exchange broke after the request was sent (it may have been processed).
     #[error("the upstream connection failed during the exchange")]
     UpstreamFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A protocol upgrade (e.g. WebSocket) asked for on a request under idempotency rules.
+    #[error("{method} requests under idempotency rules cannot upgrade the connection (Upgrade header); open WebSockets with GET or on a route that is not protected")]
+    UpgradeNotAllowed {
+        /// The request's method.
+        method: http::Method,
+    },
     /// A bug: a task that should have answered did not.
     #[error("internal error")]
     Internal,
@@ -69,7 +75,8 @@ impl ProxyError {
             Self::MissingKey
             | Self::InvalidKey(_)
             | Self::InvalidJsonKey(_)
-            | Self::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            | Self::BadRequestBody(_)
+            | Self::UpgradeNotAllowed { .. } => StatusCode::BAD_REQUEST,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -94,6 +101,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => "upstream-unreachable",
             Self::UpstreamTimeout => "upstream-timeout",
             Self::UpstreamFailed(_) => "upstream-failed",
+            Self::UpgradeNotAllowed { .. } => "upgrade-not-allowed",
             Self::Internal => "internal",
         }
     }
@@ -111,6 +119,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => "Upstream unreachable",
             Self::UpstreamTimeout => "Upstream timeout",
             Self::UpstreamFailed(_) => "Upstream failed",
+            Self::UpgradeNotAllowed { .. } => "Protocol upgrade not allowed",
             Self::Internal => "Internal error",
         }
     }
@@ -201,6 +210,13 @@ mod tests {
             ),
             (ProxyError::UpstreamTimeout, 504, "upstream-timeout"),
             (ProxyError::UpstreamFailed(io()), 502, "upstream-failed"),
+            (
+                ProxyError::UpgradeNotAllowed {
+                    method: http::Method::POST,
+                },
+                400,
+                "upgrade-not-allowed",
+            ),
             (ProxyError::Internal, 500, "internal"),
         ];
         for (e, status, code) in cases {

@@ -1,6 +1,7 @@
 //! The phases of a request, in order:
 //!
-//! 1. `handle_inner`: methods or routes not under rules → `Live::pass_through` (streamed, nothing stored).
+//! 1. `handle_inner`: methods or routes not under rules → `Live::pass_through` (streamed, nothing stored;
+//!    an `Upgrade` request becomes a tunnel, see `upgrade`). An `Upgrade` request under rules → 400.
 //! 2. Buffer the body (413 over `max_request_body`), derive the key and the fingerprint.
 //! 3. `claim_and_forward`: claim the store key. Claimed → 4; completed → replay (or 422); in flight →
 //!    409, or wait and claim again (or 422).
@@ -14,7 +15,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{header, request::Parts, HeaderName, HeaderValue, Request, Response};
+use http::{header, request::Parts, uri::Scheme, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
@@ -24,7 +25,7 @@ use super::{
     headers::{add_forwarded, recordable, strip_hop_by_hop},
     replay::replay,
     rules::RouteRules,
-    tagged,
+    tagged, upgrade,
     upstream::{Upstream, UpstreamError},
     Live, Proxy,
 };
@@ -84,6 +85,12 @@ impl Proxy {
         let rule = &route.rule;
         if !rule.enabled || !rule.methods.contains(req.method()) {
             return live.pass_through(req, peer).await;
+        }
+        if upgrade::requested(req.headers()).is_some() {
+            // A tunnel's effects cannot be recorded or replayed: refused before anything is forwarded.
+            return Err(ProxyError::UpgradeNotAllowed {
+                method: req.method().clone(),
+            });
         }
         let (parts, body) = req.into_parts();
         let limit = live.limits.max_request_body;
@@ -436,6 +443,9 @@ impl Live {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
+        if let Some(protocol) = upgrade::requested(req.headers()) {
+            return self.tunnel(req, peer, protocol).await;
+        }
         let (mut parts, body) = req.into_parts();
         upstream_request(&self.upstream, &mut parts, peer)?;
         let resp = self
@@ -452,7 +462,11 @@ impl Live {
 
 /// Rewrites a client request's head for the upstream: hop-by-hop headers out, `X-Forwarded-*` in,
 /// `Host` and the URI pointed at the upstream (a client cannot redirect the proxy), HTTP/1.1.
-fn upstream_request(up: &Upstream, parts: &mut Parts, peer: SocketAddr) -> Result<(), ProxyError> {
+pub(super) fn upstream_request(
+    up: &Upstream,
+    parts: &mut Parts,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -460,12 +474,18 @@ fn upstream_request(up: &Upstream, parts: &mut Parts, peer: SocketAddr) -> Resul
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, peer.ip(), "http", host);
+    // The listener marks each request with the scheme the client connected with.
+    let proto = if parts.extensions.get::<Scheme>() == Some(&Scheme::HTTPS) {
+        "https"
+    } else {
+        "http"
+    };
+    add_forwarded(&mut parts.headers, peer.ip(), proto, host);
     parts.headers.insert(header::HOST, up.host());
     parts.uri = up
         .uri_for(parts.uri.path_and_query())
         .map_err(|e| ProxyError::BadRequestBody(Box::new(e)))?;
-    // The upstream client speaks HTTP/1.1 whatever the client spoke.
+    // HTTP/1.1 whatever the client spoke: the upstream client picks h2 itself when ALPN offers it.
     parts.version = http::Version::HTTP_11;
     Ok(())
 }
@@ -479,7 +499,7 @@ fn upstream_response(resp: Response<Incoming>) -> Response<Body> {
     )
 }
 
-fn into_proxy_error(e: UpstreamError) -> ProxyError {
+pub(super) fn into_proxy_error(e: UpstreamError) -> ProxyError {
     match e {
         UpstreamError::Connect(e) => ProxyError::UpstreamUnreachable(e),
         UpstreamError::Timeout => ProxyError::UpstreamTimeout,

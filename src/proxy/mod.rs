@@ -12,6 +12,7 @@ mod flow;
 pub mod headers;
 pub mod replay;
 pub mod rules;
+mod upgrade;
 pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

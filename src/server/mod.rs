@@ -1,21 +1,40 @@
-//! Serving HTTP: the accept loop, per-connection hyper setup (HTTP/1.1 and h2c via the auto builder),
-//! and graceful drain. Knows nothing about idempotency: it runs any [`Handler`].
+//! Serving HTTP: the accept loop, optional TLS termination ([`tls`]), per-connection hyper setup
+//! (HTTP/1.1 and h2 via the auto builder: h2c by prior knowledge, or ALPN on TLS; HTTP/1.1 upgrades
+//! enabled), and graceful drain. Knows nothing about idempotency: it runs any [`Handler`].
+//!
+//! Every request handed to a [`Handler`] carries, as an [`http::uri::Scheme`] extension, the scheme the
+//! client connected with (`https` on a TLS listener): the one trustworthy source for
+//! `X-Forwarded-Proto` (an h2 client's `:scheme` is whatever the client claims).
+//!
+//! Drain: when `shutdown` resolves the listener closes, pending TLS handshakes are abandoned at once
+//! (a client that never finishes its handshake must not hold up the exit), and open connections finish
+//! the request they serve. Upgraded connections (tunnels) have left hyper by then and are not waited for.
 
 pub mod shutdown;
+pub mod tls;
 
 use std::{
     convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
 };
 
-use http::{Request, Response};
+use http::{uri::Scheme, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 
 use crate::proxy::Body;
+
+pub use tls::ServerTls;
 
 /// A boxed response future.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -44,10 +63,21 @@ pub enum Drain {
     TimedOut,
 }
 
-/// Accepts connections until `shutdown` resolves, then stops accepting and drains open connections
-/// (each finishes the request it is serving; idle keep-alive connections are closed).
+/// Accepts plain-HTTP connections until `shutdown` resolves, then stops accepting and drains open
+/// connections (each finishes the request it is serving; idle keep-alive connections are closed).
 pub async fn serve(
     listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Drain {
+    serve_with(listener, None, handler, opts, shutdown).await
+}
+
+/// Like [`serve`], with TLS termination when `tls` is set.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
     handler: Arc<dyn Handler>,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -59,7 +89,11 @@ pub async fn serve(
         .header_read_timeout(opts.header_read_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Tells tasks still in their TLS handshake to give up (they are not hyper connections yet, so the
+    // graceful shutdown cannot reach them, and their watcher would hold up its completion).
+    let (stopping_tx, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -74,25 +108,82 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let h = Arc::clone(&handler);
-                let svc = hyper::service::service_fn(move |req| {
-                    let fut = h.call(req, peer);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let conn = Conn {
+                    builder: Arc::clone(&builder),
+                    handler: Arc::clone(&handler),
+                    watcher: graceful.watcher(),
+                    peer,
+                };
+                match &tls {
+                    None => {
+                        tokio::spawn(conn.serve(stream, Scheme::HTTP));
                     }
-                });
+                    Some(tls) => {
+                        tokio::spawn(conn.handshake(stream, tls.clone(), stopping.clone()));
+                    }
+                }
             }
             () = &mut shutdown => break,
         }
     }
     drop(listener);
+    let _ = stopping_tx.send(true);
     tokio::select! {
         () = graceful.shutdown() => Drain::Complete,
         () = tokio::time::sleep(opts.grace) => Drain::TimedOut,
+    }
+}
+
+/// One accepted connection, before hyper takes it over.
+struct Conn {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<dyn Handler>,
+    /// Taken before the handshake, so a connection that completes it after shutdown began is closed
+    /// gracefully at once instead of being served.
+    watcher: Watcher,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    /// TLS handshake (bounded by the handshake timeout, abandoned on shutdown), then HTTP.
+    async fn handshake(self, tcp: TcpStream, tls: ServerTls, mut stopping: watch::Receiver<bool>) {
+        let peer = self.peer;
+        let stream = tokio::select! {
+            r = tls.accept(tcp) => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Scanners, wrong CAs and clients that give up: client noise, not our failure.
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            },
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        self.serve(stream, Scheme::HTTPS).await;
+    }
+
+    /// Serves HTTP on an established connection until it closes (or drains).
+    async fn serve<S>(self, io: S, scheme: Scheme)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self {
+            builder,
+            handler,
+            watcher,
+            peer,
+        } = self;
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(scheme.clone());
+            let fut = handler.call(req, peer);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        // With upgrades: a handler may answer 101 and take the connection over (WebSocket tunnels).
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }

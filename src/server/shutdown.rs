@@ -1,40 +1,70 @@
 //! Process signals: SIGTERM or SIGINT begins a graceful shutdown; a second one forces exit.
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn signal() {
+/// SIGTERM and SIGINT, listened to from the moment [`Signals::install`] runs (a signal that arrives
+/// before a handler is installed would kill the process with the default action).
+#[derive(Debug)]
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received: draining"),
-                    _ = int.recv() => tracing::info!("SIGINT received: draining"),
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers now. Must run inside the tokio runtime.
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// The next SIGTERM or SIGINT; returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => "SIGTERM",
+                () = next(&mut self.int) => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
+        }
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM, and arms a second one to exit at once (status 130) for an
-/// operator who does not want to wait for the drain.
-pub async fn signal_then_force() {
-    signal().await;
-    tokio::spawn(async {
-        signal().await;
-        tracing::warn!("second signal: exiting without waiting for the drain");
-        std::process::exit(130);
-    });
+/// Installs the SIGTERM/SIGINT handlers at once and returns a future that resolves on the first signal;
+/// a second one then exits at once (status 130) for an operator who does not want to wait for the drain.
+pub fn signal_then_force() -> impl std::future::Future<Output = ()> + Send {
+    let mut signals = Signals::install();
+    async move {
+        let name = signals.recv().await;
+        tracing::info!("{name} received: draining");
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(130);
+        });
+    }
 }
 
 /// Yields once per SIGHUP (never, where there is no SIGHUP).

@@ -28,6 +28,7 @@ mod flusher;
 pub mod instrumented;
 pub mod memory;
 pub mod record;
+pub mod redis;
 pub mod sled;
 mod watch;
 

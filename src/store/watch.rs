@@ -65,6 +65,15 @@ impl Watchers {
             tx.send_replace(());
         }
     }
+
+    /// Wakes every watcher (they look again). For a backend whose change notifications come from
+    /// elsewhere and may have been missed, e.g. while a Redis pub/sub connection was down.
+    pub(crate) fn notify_all(&self) {
+        let all: Vec<_> = lock(&self.map).drain().map(|(_, tx)| tx).collect();
+        for tx in all {
+            tx.send_replace(());
+        }
+    }
 }
 
 /// Fencing tokens of claims whose owner is alive in this process.

@@ -6,13 +6,30 @@
 //!   signals it (SIGTERM / SIGKILL) and restarts it on the same data dir.
 //! - [`client`]: a bounded-time HTTP client over real TCP (hyper) and a raw-TCP client for odd requests.
 //! - [`wait`]: bounded `eventually` polling and timeouts.
+//! - [`tls`]: a throwaway PKI (rcgen), HTTPS clients (HTTP/1.1 or h2 by ALPN, optional client
+//!   certificate) and a small HTTPS upstream.
+//! - [`keyed`]: an upstream that counts requests per `Idempotency-Key` and tracks its open connections
+//!   (crash matrix, soak).
+//! - [`chaos`]: a raw-TCP upstream that misbehaves on purpose (resets, stalls, truncated or garbage
+//!   answers).
+//! - [`metrics`]: reading `/metrics` (Prometheus text) from the admin listener.
+//! - [`procstat`]: RSS, open fds and directory sizes from `/proc`.
+//! - [`rng`]: a seeded PRNG whose seed is printed, for reproducible chaos.
+//! - `failing_store.rs` (included by path, not declared here): a `Store` wrapper that fails on demand.
 //!
 //! Every wait in here is bounded; nothing sleeps where an event can be awaited.
 
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+pub mod chaos;
 pub mod client;
+pub mod keyed;
+pub mod metrics;
+pub mod procstat;
 pub mod proxy;
+pub mod redis;
+pub mod rng;
+pub mod tls;
 pub mod upstream;
 pub mod wait;
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::client::{send, Resp};
 
@@ -59,13 +59,15 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Forward every line of `src` to the test's stderr as `[idemproxy PID NAME] line`, into `logs`, and into `tx`.
+/// Forward every line of `src` to the test's stderr as `[idemproxy PID NAME] line`, into `logs`, and into `tx`;
+/// `changed` (if any) is bumped after each line is stored.
 fn forward_lines(
     src: impl Read + Send + 'static,
     pid: u32,
     name: &'static str,
     logs: Arc<Mutex<Vec<String>>>,
     tx: Option<mpsc::UnboundedSender<String>>,
+    changed: Option<Arc<watch::Sender<u64>>>,
 ) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(src);
@@ -79,6 +81,9 @@ fn forward_lines(
             let line = strip_ansi(String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']));
             eprintln!("[idemproxy {pid} {name}] {line}");
             logs.lock().unwrap().push(line.clone());
+            if let Some(changed) = &changed {
+                changed.send_modify(|n| *n += 1);
+            }
             if let Some(tx) = &tx {
                 let _ = tx.send(line);
             }
@@ -104,6 +109,7 @@ pub struct ProxyBuilder {
     upstream: Vec<String>,
     store: Vec<String>,
     defaults: Vec<String>,
+    admin: Vec<String>,
     extra: Vec<String>,
     raw: Option<String>,
     args: Vec<String>,
@@ -120,6 +126,7 @@ impl ProxyBuilder {
             upstream: Vec::new(),
             store: Vec::new(),
             defaults: Vec::new(),
+            admin: Vec::new(),
             extra: Vec::new(),
             raw: None,
             args: Vec::new(),
@@ -155,6 +162,12 @@ impl ProxyBuilder {
     /// A line (or lines) for `[defaults]`.
     pub fn defaults(mut self, toml: &str) -> Self {
         self.defaults.push(toml.to_string());
+        self
+    }
+
+    /// A line (or lines) for `[admin]` (after the harness's `listen = "127.0.0.1:0"`), e.g. a `token`.
+    pub fn admin(mut self, toml: &str) -> Self {
+        self.admin.push(toml.to_string());
         self
     }
 
@@ -198,7 +211,7 @@ impl ProxyBuilder {
             "[server]\nlisten = \"{listen}\"\n{server}\n\n\
              [upstream]\nurl = \"{url}\"\n{upstream}\n\n\
              [store]\npath = '{data}'\n{store}\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n\n\
              [defaults]\n{defaults}\n\n{extra}\n",
             listen = self.listen,
             server = join(&self.server),
@@ -206,6 +219,7 @@ impl ProxyBuilder {
             upstream = join(&self.upstream),
             store = join(&self.store),
             defaults = join(&self.defaults),
+            admin = join(&self.admin),
             extra = join(&self.extra),
         )
     }
@@ -235,6 +249,7 @@ impl ProxyBuilder {
             args,
             envs: self.envs,
             logs: Arc::new(Mutex::new(Vec::new())),
+            log_changed: Arc::new(watch::channel(0).0),
         };
         proxy.launch().await;
         proxy
@@ -257,11 +272,31 @@ pub struct Proxy {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Bumped after every stderr line (for [`Proxy::wait_log`]).
+    log_changed: Arc<watch::Sender<u64>>,
 }
 
 impl Proxy {
     pub fn builder(upstream_url: impl Into<String>) -> ProxyBuilder {
         ProxyBuilder::new(upstream_url)
+    }
+
+    /// Launch the binary with exactly `args` and `envs` (on top of [`base_command`]'s clean environment) and
+    /// wait for readiness like [`ProxyBuilder::start`]. No config is written; `dir` (a tempdir the caller
+    /// made, so `args`/`envs` can name paths in it) becomes [`Proxy::dir`].
+    pub async fn start_in(dir: TempDir, args: Vec<String>, envs: Vec<(String, String)>) -> Proxy {
+        let mut proxy = Proxy {
+            addr: dead_placeholder(),
+            admin: dead_placeholder(),
+            child: None,
+            dir,
+            args,
+            envs,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            log_changed: Arc::new(watch::channel(0).0),
+        };
+        proxy.launch().await;
+        proxy
     }
 
     async fn launch(&mut self) {
@@ -283,12 +318,14 @@ impl Proxy {
             "stderr",
             self.logs.clone(),
             Some(tx),
+            Some(self.log_changed.clone()),
         );
         forward_lines(
             child.stdout.take().unwrap(),
             pid,
             "stdout",
             Arc::new(Mutex::new(Vec::new())),
+            None,
             None,
         );
         self.child = Some(child);
@@ -351,6 +388,80 @@ impl Proxy {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The number of stderr lines so far: a mark to pass to [`Proxy::wait_log`] before causing an event.
+    pub fn log_mark(&self) -> usize {
+        self.logs.lock().unwrap().len()
+    }
+
+    /// Stderr lines after `mark` (see [`Proxy::log_mark`]).
+    pub fn logs_since(&self, mark: usize) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap()
+            .get(mark..)
+            .unwrap_or(&[])
+            .to_vec()
+    }
+
+    /// Wait (event-driven, bounded by `limit`) for a stderr line after `mark` that satisfies `pred`; returns
+    /// it. Panics with `what` and the lines seen since `mark` otherwise.
+    pub async fn wait_log(
+        &self,
+        mark: usize,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        match self.try_wait_log(mark, limit, pred).await {
+            Some(l) => l,
+            None => panic!(
+                "timed out after {limit:?} waiting for a log line: {what}; lines since the mark:\n{}",
+                self.logs_since(mark).join("\n")
+            ),
+        }
+    }
+
+    /// Like [`Proxy::wait_log`], but `None` when no such line came within `limit`.
+    pub async fn try_wait_log(
+        &self,
+        mark: usize,
+        limit: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let mut rx = self.log_changed.subscribe();
+        let fut = async {
+            let mut from = mark;
+            loop {
+                rx.borrow_and_update();
+                let lines = self.logs_since(from);
+                if let Some(l) = lines.iter().find(|l| pred(l)) {
+                    return l.clone();
+                }
+                from += lines.len();
+                if rx.changed().await.is_err() {
+                    // Cannot happen while `self` holds the sender; wait for the timeout then.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(limit, fut).await.ok()
+    }
+
+    /// Replace the config file (the proxy reads it again on SIGHUP).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Replace the config file with `builder`'s text for this proxy's data dir.
+    pub fn write_config_from(&self, builder: &ProxyBuilder) {
+        self.write_config(&builder.config_text(&self.data_dir()));
+    }
+
+    /// SIGHUP (config reload), without waiting.
+    pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
     /// Send `kill -SIG pid` (e.g. `"TERM"`), without waiting.
     pub fn signal(&self, sig: &str) {
         let pid = self.pid().to_string();
@@ -376,6 +487,13 @@ impl Proxy {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The exit status if the process has ended (reaped here), `None` while it runs; never waits.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
     }
 
     /// SIGTERM and wait for the exit status.
