@@ -133,9 +133,41 @@ pub fn render() -> String {
     }
 }
 
-/// Counts one request.
-pub fn request(route: &str, outcome: Outcome) {
-    counter!("idemproxy_requests_total", "route" => route.to_owned(), "outcome" => outcome.as_str()).increment(1);
+/// Every outcome, in the order of [`RouteCounters`].
+const OUTCOMES: [Outcome; 7] = [
+    Outcome::Forwarded,
+    Outcome::Replayed,
+    Outcome::Conflict,
+    Outcome::Mismatch,
+    Outcome::Rejected,
+    Outcome::Passthrough,
+    Outcome::Released,
+];
+
+/// `idemproxy_requests_total` handles of one route, registered once when the routes are built, so
+/// counting a request is one atomic add (no label allocation or registry lookup per request).
+#[derive(Clone)]
+pub struct RouteCounters([metrics::Counter; 7]);
+
+impl std::fmt::Debug for RouteCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteCounters")
+    }
+}
+
+impl RouteCounters {
+    /// Registers the counters of `route`.
+    pub fn new(route: &str) -> Self {
+        Self(OUTCOMES.map(|o| {
+            counter!("idemproxy_requests_total", "route" => route.to_owned(), "outcome" => o.as_str())
+        }))
+    }
+
+    /// Counts one request with this outcome.
+    pub fn count(&self, outcome: Outcome) {
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.0[i].increment(1);
+    }
 }
 
 /// Records one upstream exchange.

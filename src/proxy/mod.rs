@@ -26,7 +26,7 @@ pub use body::Body;
 pub use error::ProxyError;
 
 use crate::{
-    admin::metrics::{self, InflightGuard, Outcome},
+    admin::metrics::{InflightGuard, Outcome},
     config::Config,
     store::Store,
 };
@@ -111,7 +111,8 @@ impl Proxy {
         let live = self.live.load_full();
         let route = live.rules.select(req.uri().path());
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Kept for the error log; a `Uri` clone shares its bytes (no copy).
+        let uri = req.uri().clone();
         let result = match tokio::time::timeout(
             live.limits.request_timeout,
             self.handle_inner(&live, route, req, peer),
@@ -132,14 +133,14 @@ impl Proxy {
             Err(e) => {
                 // Logged once, here, where the error becomes a response.
                 if e.is_client_error() {
-                    tracing::debug!(%method, %path, status = e.status().as_u16(), code = e.code(), "refused: {e}");
+                    tracing::debug!(%method, path = uri.path(), status = e.status().as_u16(), code = e.code(), "refused: {e}");
                 } else {
-                    tracing::warn!(%method, %path, status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
+                    tracing::warn!(%method, path = uri.path(), status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
                 }
                 (e.response(), e.outcome())
             }
         };
-        metrics::request(&route.name, outcome);
+        route.counters.count(outcome);
         resp
     }
 

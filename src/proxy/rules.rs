@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use globset::{GlobBuilder, GlobMatcher};
 
-use crate::config::{defaults::DEFAULT_ROUTE_NAME, Config, Rule};
+use crate::{
+    admin::metrics::RouteCounters,
+    config::{defaults::DEFAULT_ROUTE_NAME, Config, Rule},
+};
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -14,6 +17,8 @@ pub struct RouteRules {
     pub name: Arc<str>,
     /// The resolved rules.
     pub rule: Rule,
+    /// Its request counters.
+    pub counters: RouteCounters,
     matcher: Option<GlobMatcher>,
 }
 
@@ -34,6 +39,7 @@ impl Rules {
                 Ok(RouteRules {
                     name: Arc::from(r.name.as_str()),
                     rule: r.rule.clone(),
+                    counters: RouteCounters::new(&r.name),
                     matcher: Some(
                         GlobBuilder::new(&r.path)
                             .literal_separator(true)
@@ -48,6 +54,7 @@ impl Rules {
             default: RouteRules {
                 name: Arc::from(DEFAULT_ROUTE_NAME),
                 rule: cfg.defaults.clone(),
+                counters: RouteCounters::new(DEFAULT_ROUTE_NAME),
                 matcher: None,
             },
         })
