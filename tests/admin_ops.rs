@@ -7,7 +7,9 @@
 //! - `/admin/keys/{route}/{key}`: the bearer-token matrix (none configured, file token, env token), the key never
 //!   logged whole, GET showing one record per scope (completed and in flight), DELETE purging them;
 //! - SIGHUP reload: a valid file changes the rules for new requests (also on a keep-alive connection opened
-//!   before), an invalid one is refused with every problem logged and the old config kept.
+//!   before), an invalid one is refused with every problem logged and the old config kept;
+//! - signals sent right after the `listening on` line are handled (SIGHUP reloads, SIGTERM drains) instead of
+//!   killing the process with the default action.
 //!
 //! No sleeps: the upstream's gate route reports each arrival, log lines are awaited as events, and conditions
 //! no event announces (a listener going away) are polled with a deadline.
