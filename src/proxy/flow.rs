@@ -378,9 +378,12 @@ impl Proxy {
                 route = %claim.route, key = %claim.redacted,
                 "claim was taken over or purged while in flight; result not recorded"
             ),
-            // The upstream already answered: the client still gets the answer.
+            // The upstream already answered: the client still gets the answer. The claim is left to its
+            // lease (a retry within it gets 409, after it the request may run again): the store could not
+            // say what it holds, and releasing at once would invite an immediate duplicate.
             Err(e) => {
-                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result")
+                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result; the key frees when its lease ends");
+                self.store.abandon(claim.token);
             }
         }
     }
