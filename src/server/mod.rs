@@ -116,7 +116,7 @@ pub async fn serve_with(
                 };
                 match &tls {
                     None => {
-                        tokio::spawn(conn.serve(stream, Scheme::HTTP));
+                        tokio::spawn(conn.plain(stream, opts.header_read_timeout, stopping.clone()));
                     }
                     Some(tls) => {
                         tokio::spawn(conn.handshake(stream, tls.clone(), stopping.clone()));
@@ -131,6 +131,21 @@ pub async fn serve_with(
     tokio::select! {
         () = graceful.shutdown() => Drain::Complete,
         () = tokio::time::sleep(opts.grace) => Drain::TimedOut,
+    }
+}
+
+/// Whether the client sent enough bytes to choose a protocol: anything that is not a prefix of the
+/// HTTP/2 preface, or the whole preface. `false` on EOF or error.
+async fn first_bytes(tcp: &TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        match tcp.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n >= PREFACE.len() || !PREFACE.starts_with(&buf[..n]) => return true,
+            // Part of the preface: `peek` would return at once again; wait a little for the rest.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 
@@ -160,6 +175,23 @@ impl Conn {
             _ = stopping.wait_for(|s| *s) => return,
         };
         self.serve(stream, Scheme::HTTPS).await;
+    }
+
+    /// Plain HTTP: waits, bounded by the header read timeout (and abandoned on shutdown), until the
+    /// client has sent enough to tell HTTP/1 from the HTTP/2 preface, then serves. hyper's header timer
+    /// only starts after the auto builder has read those bytes, so without this a connection that sends
+    /// nothing (or half a preface) would stay open forever (hyperium/hyper#3756).
+    async fn plain(self, tcp: TcpStream, limit: Duration, mut stopping: watch::Receiver<bool>) {
+        let peer = self.peer;
+        let ready = tokio::select! {
+            r = tokio::time::timeout(limit, first_bytes(&tcp)) => matches!(r, Ok(true)),
+            _ = stopping.wait_for(|s| *s) => false,
+        };
+        if !ready {
+            tracing::debug!(%peer, "connection closed: no request within header_read_timeout");
+            return;
+        }
+        self.serve(tcp, Scheme::HTTP).await;
     }
 
     /// Serves HTTP on an established connection until it closes (or drains).

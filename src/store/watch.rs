@@ -41,8 +41,10 @@ impl Drop for KeyWatch {
     fn drop(&mut self) {
         let mut map = lock(&self.owner.map);
         if let Some(tx) = map.get(&self.key) {
-            // This receiver is still counted while it is being dropped.
-            if tx.receiver_count() <= 1 {
+            // Only our own channel (a newer one may have replaced it after a notify), and only when no
+            // one else waits on it: this receiver and the probe are still counted here.
+            let probe = tx.subscribe();
+            if probe.same_channel(&self.rx) && tx.receiver_count() <= 2 {
                 map.remove(&self.key);
             }
         }
