@@ -58,9 +58,6 @@ pub enum AppError {
     /// The TLS listener's certificate, key or client CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] server::tls::TlsError),
-    /// A configured feature that this build does not serve yet.
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// The proxy as a [`Handler`] for [`server::serve`] (public so tests can serve a proxy built on a store
