@@ -100,14 +100,16 @@ impl Proxy {
             Err(BufferError::Read(e)) => return Err(ProxyError::BadRequestBody(e)),
         };
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let fp = fingerprint(
-            rule.fingerprint,
-            &parts.method,
-            pq,
-            &rule.fingerprint_headers,
-            &parts.headers,
-            &body,
-        );
+        let fp_of = |mode| {
+            fingerprint(
+                mode,
+                &parts.method,
+                pq,
+                &rule.fingerprint_headers,
+                &parts.headers,
+                &body,
+            )
+        };
         let client_key = match &rule.key {
             KeySource::Header => IdempotencyKey::from_headers(&parts.headers, &rule.header)?,
             KeySource::Json(ptr) => json_pointer_key(&body, ptr)?
@@ -115,17 +117,10 @@ impl Proxy {
                 .transpose()?,
             KeySource::Fingerprint => {
                 // The key is the request itself; with `fingerprint = "none"` the raw request is hashed.
-                let whole = match rule.fingerprint {
-                    FingerprintMode::None => fingerprint(
-                        FingerprintMode::Raw,
-                        &parts.method,
-                        pq,
-                        &rule.fingerprint_headers,
-                        &parts.headers,
-                        &body,
-                    ),
-                    _ => fp,
-                };
+                let whole = fp_of(match rule.fingerprint {
+                    FingerprintMode::None => FingerprintMode::Raw,
+                    m => m,
+                });
                 Some(IdempotencyKey::new(&whole.to_hex())?)
             }
         };
@@ -133,9 +128,11 @@ impl Proxy {
             if rule.required {
                 return Err(ProxyError::MissingKey);
             }
-            // Optional key absent: forwarded as is, every time.
+            // Optional key absent: forwarded as is, every time (nothing to fingerprint).
             return live.forward_unprotected(parts, body, peer, false).await;
         };
+        // Hashed only once a key is known (the body may be up to `max_request_body`).
+        let fp = fp_of(rule.fingerprint);
         let pending = Pending {
             key: StoreKey::derive(
                 &route.name,

@@ -16,7 +16,14 @@
 //! sled calls are synchronous but short (in-memory tree operations); the fsync runs on the flusher
 //! thread and the sweep in `spawn_blocking`.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 
@@ -54,6 +61,21 @@ pub struct SledOptions {
 pub struct SledStore {
     inner: Arc<Inner>,
     meta: sled::Tree,
+}
+
+/// Abandons a claim whose `claim` call was dropped before it returned.
+struct AbandonOnDrop<'a> {
+    store: &'a SledStore,
+    token: u64,
+    armed: bool,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.abandon(self.token);
+        }
+    }
 }
 
 /// Live owners of this process and the keys they hold.
@@ -112,6 +134,8 @@ struct Inner {
     sync: SyncPolicy,
     /// Claims whose owner is alive in this process: token → store key.
     live: Owners,
+    /// `complete` calls between their CAS and their flush sequence number (see `claim`).
+    completing: AtomicU64,
     watchers: Arc<Watchers>,
     clock: Arc<dyn Clock>,
 }
@@ -185,6 +209,7 @@ impl SledStore {
                 flusher,
                 sync: opts.sync,
                 live: Owners::default(),
+                completing: AtomicU64::new(0),
                 watchers: Arc::default(),
                 clock,
             }),
@@ -315,9 +340,20 @@ impl Store for SledStore {
                         },
                         Record::Completed(c) => {
                             // The record may have been written by a request whose flush is still
-                            // pending: never replay what a crash could take back.
+                            // pending: never replay what a crash could take back. A `complete` between
+                            // its CAS and its sequence number is visible in `completing`: then wait for
+                            // a flush that starts after this read.
                             if s.sync == SyncPolicy::Always {
-                                s.flusher.durable_now().await?;
+                                let waited = if s.completing.load(Ordering::SeqCst) > 0 {
+                                    s.flusher.durable(s.flusher.wrote()).await
+                                } else {
+                                    s.flusher.durable_now().await
+                                };
+                                // Replaying is still right if the flush failed: forwarding (as
+                                // `on_store_error = "pass"` would) could run the request twice.
+                                if let Err(e) = waited {
+                                    tracing::warn!(error = %e, "replaying a result whose flush failed");
+                                }
                             }
                             ClaimOutcome::Completed(c)
                         }
@@ -337,7 +373,16 @@ impl Store for SledStore {
                 continue; // lost the race: look again
             }
             s.live.insert(token, kb);
-            if let Err(e) = s.durable(s.flusher.wrote()).await {
+            // If this future is dropped while it waits (the client went away), the claim must not
+            // stay "owned by a live process" forever: the guard abandons it to its lease.
+            let mut guard = AbandonOnDrop {
+                store: self,
+                token,
+                armed: true,
+            };
+            let durable = s.durable(s.flusher.wrote()).await;
+            guard.armed = false;
+            if let Err(e) = durable {
                 // Not durable: take the claim back so the client's retry is not refused for a lease.
                 s.live.remove(token);
                 let _ = s.cas(
@@ -345,6 +390,7 @@ impl Store for SledStore {
                     Some(&sled::IVec::from(encoded)),
                     cur.map(|c| c.to_vec()),
                 );
+                s.watchers.notify(key);
                 return Err(e);
             }
             return Ok(ClaimOutcome::Claimed { token });
@@ -380,11 +426,17 @@ impl Store for SledStore {
                 seen_only: result.seen_only,
             });
             s.index(rec.expiry_ms(), &kb)?;
-            if !s.cas(&kb, cur.as_ref(), Some(rec.encode()))? {
+            // Between this CAS and `wrote()` a reader could see the result before its write is
+            // counted; `completing` tells the replay path to wait for a fresh flush meanwhile.
+            s.completing.fetch_add(1, Ordering::SeqCst);
+            let swapped = s.cas(&kb, cur.as_ref(), Some(rec.encode()));
+            let seq = s.flusher.wrote();
+            s.completing.fetch_sub(1, Ordering::SeqCst);
+            if !swapped? {
                 continue;
             }
             s.live.remove(token);
-            let durable = s.durable(s.flusher.wrote()).await;
+            let durable = s.durable(seq).await;
             s.watchers.notify(key);
             durable?;
             return Ok(Committed::Done);
