@@ -110,6 +110,8 @@ impl Proxy {
                 &body,
             )
         };
+        // With `key = "fingerprint"` the key's hash is usually the fingerprint too: hash once.
+        let mut key_fp = None;
         let client_key = match &rule.key {
             KeySource::Header => IdempotencyKey::from_headers(&parts.headers, &rule.header)?,
             KeySource::Json(ptr) => json_pointer_key(&body, ptr)?
@@ -121,6 +123,9 @@ impl Proxy {
                     FingerprintMode::None => FingerprintMode::Raw,
                     m => m,
                 });
+                if rule.fingerprint != FingerprintMode::None {
+                    key_fp = Some(whole);
+                }
                 Some(IdempotencyKey::new(&whole.to_hex())?)
             }
         };
@@ -132,7 +137,7 @@ impl Proxy {
             return live.forward_unprotected(parts, body, peer, false).await;
         };
         // Hashed only once a key is known (the body may be up to `max_request_body`).
-        let fp = fp_of(rule.fingerprint);
+        let fp = key_fp.unwrap_or_else(|| fp_of(rule.fingerprint));
         let pending = Pending {
             key: StoreKey::derive(
                 &route.name,

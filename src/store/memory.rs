@@ -90,7 +90,7 @@ impl Store for MemoryStore {
                 fingerprint: fp,
             }),
         );
-        self.live.insert(token);
+        self.live.insert(token, *key);
         Ok(ClaimOutcome::Claimed { token })
     }
 

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use super::{
     flusher::{FlushStats, Flusher},
     retry_after,
-    watch::Watchers,
+    watch::{LiveOwners, Watchers},
     ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
     SweepStats,
 };
@@ -78,28 +78,6 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
-/// Live owners of this process and the keys they hold.
-#[derive(Debug, Default)]
-struct Owners(std::sync::Mutex<std::collections::HashMap<u64, [u8; 64]>>);
-
-impl Owners {
-    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, [u8; 64]>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn insert(&self, token: u64, key: [u8; 64]) {
-        self.map().insert(token, key);
-    }
-    fn remove(&self, token: u64) -> Option<[u8; 64]> {
-        self.map().remove(&token)
-    }
-    fn contains(&self, token: u64) -> bool {
-        self.map().contains_key(&token)
-    }
-    fn is_empty(&self) -> bool {
-        self.map().is_empty()
-    }
-}
-
 /// `meta` key: 1 after a clean stop with no claim in flight.
 const CLEAN: &str = "clean";
 
@@ -133,7 +111,7 @@ struct Inner {
     flusher: Flusher,
     sync: SyncPolicy,
     /// Claims whose owner is alive in this process: token → store key.
-    live: Owners,
+    live: LiveOwners,
     /// `complete` calls between their CAS and their flush sequence number (see `claim`).
     completing: AtomicU64,
     watchers: Arc<Watchers>,
@@ -208,7 +186,7 @@ impl SledStore {
                 expiry,
                 flusher,
                 sync: opts.sync,
-                live: Owners::default(),
+                live: LiveOwners::default(),
                 completing: AtomicU64::new(0),
                 watchers: Arc::default(),
                 clock,
@@ -267,6 +245,26 @@ impl Inner {
     fn index(&self, at_ms: u64, key: &[u8; 64]) -> Result<(), StoreError> {
         self.expiry.insert(index_key(at_ms, key), &[])?;
         Ok(())
+    }
+
+    /// The stored claim of `token` (its raw bytes, for the compare-and-swap), or `None` when the
+    /// record is no longer that claim (taken over, purged, expired): the token is then stale and no
+    /// longer counted as a live owner.
+    fn claim_of(
+        &self,
+        key: &[u8; 64],
+        token: u64,
+    ) -> Result<Option<(sled::IVec, InFlight)>, StoreError> {
+        let cur = self.records.get(key)?;
+        if let Some(bytes) = cur {
+            if let Record::InFlight(f) = Record::decode(&bytes)? {
+                if f.token == token {
+                    return Ok(Some((bytes, f)));
+                }
+            }
+        }
+        self.live.remove(token);
+        Ok(None)
     }
 
     /// One compare-and-swap; `Ok(false)` when another writer got there first.
@@ -372,7 +370,7 @@ impl Store for SledStore {
             if !s.cas(&kb, cur.as_ref(), Some(encoded.clone()))? {
                 continue; // lost the race: look again
             }
-            s.live.insert(token, kb);
+            s.live.insert(token, *key);
             // If this future is dropped while it waits (the client went away), the claim must not
             // stay "owned by a live process" forever: the guard abandons it to its lease.
             let mut guard = AbandonOnDrop {
@@ -407,13 +405,8 @@ impl Store for SledStore {
         let s = &*self.inner;
         let kb = key.to_bytes();
         loop {
-            let cur = s.records.get(kb)?;
-            let f = match cur.as_deref().map(Record::decode).transpose()? {
-                Some(Record::InFlight(f)) if f.token == token => f,
-                _ => {
-                    s.live.remove(token);
-                    return Ok(Committed::Stale);
-                }
+            let Some((cur, f)) = s.claim_of(&kb, token)? else {
+                return Ok(Committed::Stale);
             };
             let rec = Record::Completed(Completed {
                 created_ms: f.created_ms,
@@ -429,7 +422,7 @@ impl Store for SledStore {
             // Between this CAS and `wrote()` a reader could see the result before its write is
             // counted; `completing` tells the replay path to wait for a fresh flush meanwhile.
             s.completing.fetch_add(1, Ordering::SeqCst);
-            let swapped = s.cas(&kb, cur.as_ref(), Some(rec.encode()));
+            let swapped = s.cas(&kb, Some(&cur), Some(rec.encode()));
             let seq = s.flusher.wrote();
             s.completing.fetch_sub(1, Ordering::SeqCst);
             if !swapped? {
@@ -447,15 +440,10 @@ impl Store for SledStore {
         let s = &*self.inner;
         let kb = key.to_bytes();
         loop {
-            let cur = s.records.get(kb)?;
-            match cur.as_deref().map(Record::decode).transpose()? {
-                Some(Record::InFlight(f)) if f.token == token => {}
-                _ => {
-                    s.live.remove(token);
-                    return Ok(Committed::Stale);
-                }
-            }
-            if !s.cas(&kb, cur.as_ref(), None)? {
+            let Some((cur, _)) = s.claim_of(&kb, token)? else {
+                return Ok(Committed::Stale);
+            };
+            if !s.cas(&kb, Some(&cur), None)? {
                 continue;
             }
             s.live.remove(token);
@@ -519,7 +507,7 @@ impl Store for SledStore {
     fn abandon(&self, token: u64) {
         // The owner died: index its claim at its deadline so the sweeper removes it if nobody retries.
         let s = &*self.inner;
-        if let Some(kb) = s.live.remove(token) {
+        if let Some(kb) = s.live.remove(token).map(|k| k.to_bytes()) {
             if let Ok(Some(cur)) = s.records.get(kb) {
                 if let Ok(Record::InFlight(f)) = Record::decode(&cur) {
                     if f.token == token {

@@ -2,7 +2,7 @@
 //! live owners of this process.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -78,18 +78,22 @@ impl Watchers {
     }
 }
 
-/// Fencing tokens of claims whose owner is alive in this process.
+/// Claims whose owner is alive in this process: fencing token → the key it holds (the key lets a
+/// backend find the claim again when its owner is abandoned).
 #[derive(Debug, Default)]
-pub(crate) struct LiveOwners(Mutex<HashSet<u64>>);
+pub(crate) struct LiveOwners(Mutex<HashMap<u64, StoreKey>>);
 
 impl LiveOwners {
-    pub(crate) fn insert(&self, token: u64) {
-        lock(&self.0).insert(token);
+    pub(crate) fn insert(&self, token: u64, key: StoreKey) {
+        lock(&self.0).insert(token, key);
     }
-    pub(crate) fn remove(&self, token: u64) {
-        lock(&self.0).remove(&token);
+    pub(crate) fn remove(&self, token: u64) -> Option<StoreKey> {
+        lock(&self.0).remove(&token)
     }
     pub(crate) fn contains(&self, token: u64) -> bool {
-        lock(&self.0).contains(&token)
+        lock(&self.0).contains_key(&token)
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        lock(&self.0).is_empty()
     }
 }
