@@ -72,6 +72,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 .install_recorder()
                 .ok()?;
             describe();
+            let _ = HOT.set(Hot::register());
             Some(handle)
         })
         .as_ref()
@@ -147,7 +148,10 @@ const OUTCOMES: [Outcome; 7] = [
 /// `idemproxy_requests_total` handles of one route, registered once when the routes are built, so
 /// counting a request is one atomic add (no label allocation or registry lookup per request).
 #[derive(Clone)]
-pub struct RouteCounters([metrics::Counter; 7]);
+pub struct RouteCounters {
+    requests: [metrics::Counter; 7],
+    upstream: metrics::Histogram,
+}
 
 impl std::fmt::Debug for RouteCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,26 +162,66 @@ impl std::fmt::Debug for RouteCounters {
 impl RouteCounters {
     /// Registers the counters of `route`.
     pub fn new(route: &str) -> Self {
-        Self(OUTCOMES.map(|o| {
-            counter!("idemproxy_requests_total", "route" => route.to_owned(), "outcome" => o.as_str())
-        }))
+        Self {
+            requests: OUTCOMES.map(|o| {
+                counter!("idemproxy_requests_total", "route" => route.to_owned(), "outcome" => o.as_str())
+            }),
+            upstream: histogram!("idemproxy_upstream_duration_seconds", "route" => route.to_owned()),
+        }
     }
 
     /// Counts one request with this outcome.
     pub fn count(&self, outcome: Outcome) {
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.0[i].increment(1);
+        self.requests[i].increment(1);
+    }
+
+    /// The route's `idemproxy_upstream_duration_seconds` histogram.
+    pub fn upstream_duration(&self) -> metrics::Histogram {
+        self.upstream.clone()
     }
 }
 
-/// Records one upstream exchange.
-pub fn upstream_duration(route: &str, d: Duration) {
-    histogram!("idemproxy_upstream_duration_seconds", "route" => route.to_owned())
-        .record(d.as_secs_f64());
+/// Store operations timed on the request path (their handles are registered once).
+const HOT_OPS: [&str; 3] = ["claim", "complete", "release"];
+
+/// Handles of the metrics touched by every request, registered once when the recorder is installed:
+/// updating one is then an atomic operation, without building a key and looking it up in the registry.
+struct Hot {
+    inflight: metrics::Gauge,
+    waiting: metrics::Gauge,
+    stored: metrics::Counter,
+    ops: [(metrics::Histogram, metrics::Counter); 3],
 }
+
+impl Hot {
+    fn register() -> Self {
+        Self {
+            inflight: gauge!("idemproxy_inflight"),
+            waiting: gauge!("idemproxy_waiting"),
+            stored: counter!("idemproxy_records_stored_total"),
+            ops: HOT_OPS.map(|op| {
+                (
+                    histogram!("idemproxy_store_duration_seconds", "op" => op),
+                    counter!("idemproxy_store_errors_total", "op" => op),
+                )
+            }),
+        }
+    }
+}
+
+static HOT: OnceLock<Hot> = OnceLock::new();
 
 /// Records one store operation.
 pub fn store_op(op: &'static str, d: Duration, ok: bool) {
+    if let (Some(hot), Some(i)) = (HOT.get(), HOT_OPS.iter().position(|o| *o == op)) {
+        let (h, errors) = &hot.ops[i];
+        h.record(d.as_secs_f64());
+        if !ok {
+            errors.increment(1);
+        }
+        return;
+    }
     histogram!("idemproxy_store_duration_seconds", "op" => op).record(d.as_secs_f64());
     if !ok {
         counter!("idemproxy_store_errors_total", "op" => op).increment(1);
@@ -186,7 +230,10 @@ pub fn store_op(op: &'static str, d: Duration, ok: bool) {
 
 /// One result recorded.
 pub fn record_stored() {
-    counter!("idemproxy_records_stored_total").increment(1);
+    match HOT.get() {
+        Some(hot) => hot.stored.increment(1),
+        None => counter!("idemproxy_records_stored_total").increment(1),
+    }
 }
 
 /// One sweep that deleted `expired` records.
@@ -206,24 +253,31 @@ pub fn store_stats(size_bytes: Option<u64>, flushes: u64, durable_writes: u64) {
 
 /// Counts a request as in flight while alive.
 #[derive(Debug)]
-pub struct InflightGuard(&'static str);
+pub struct InflightGuard(Option<metrics::Gauge>);
 
 impl InflightGuard {
     /// A request being handled.
     pub fn request() -> Self {
-        gauge!("idemproxy_inflight").increment(1.0);
-        Self("idemproxy_inflight")
+        Self::up(HOT.get().map(|h| h.inflight.clone()))
     }
 
     /// A duplicate waiting for its first request.
     pub fn waiting() -> Self {
-        gauge!("idemproxy_waiting").increment(1.0);
-        Self("idemproxy_waiting")
+        Self::up(HOT.get().map(|h| h.waiting.clone()))
+    }
+
+    fn up(g: Option<metrics::Gauge>) -> Self {
+        if let Some(g) = &g {
+            g.increment(1.0);
+        }
+        Self(g)
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        gauge!(self.0).decrement(1.0);
+        if let Some(g) = &self.0 {
+            g.decrement(1.0);
+        }
     }
 }

@@ -30,7 +30,7 @@ use super::{
     Live, Proxy,
 };
 use crate::{
-    admin::metrics::{self, InflightGuard, Outcome},
+    admin::metrics::{InflightGuard, Outcome},
     config::{FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode},
     key::{fingerprint, json_pointer_key, Fingerprint, IdempotencyKey, StoreKey},
     store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
@@ -52,6 +52,8 @@ struct Pending {
 /// A claimed key on its way through the upstream.
 struct Claim {
     route: Arc<str>,
+    /// The route's upstream-duration histogram.
+    upstream_duration: metrics::Histogram,
     key: StoreKey,
     token: u64,
     redacted: String,
@@ -182,6 +184,7 @@ impl Proxy {
                     tracing::debug!(route = %route.name, key = %req.redacted, token, "claimed");
                     let claim = Claim {
                         route: Arc::clone(&route.name),
+                        upstream_duration: route.counters.upstream_duration(),
                         key: req.key,
                         token,
                         redacted: req.redacted,
@@ -287,7 +290,9 @@ impl Proxy {
         let (mut head, upstream_body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
         if rule.release_statuses.contains(&head.status) {
-            metrics::upstream_duration(&claim.route, started.elapsed());
+            claim
+                .upstream_duration
+                .record(started.elapsed().as_secs_f64());
             self.release(claim).await;
             tracing::debug!(route = %claim.route, key = %claim.redacted, status = head.status.as_u16(), "released on status");
             return Ok(tagged(
@@ -298,7 +303,9 @@ impl Proxy {
         let left = budget.saturating_sub(started.elapsed());
         let captured =
             tokio::time::timeout(left, capture(upstream_body, live.limits.max_response_body)).await;
-        metrics::upstream_duration(&claim.route, started.elapsed());
+        claim
+            .upstream_duration
+            .record(started.elapsed().as_secs_f64());
         let captured = match captured {
             Err(_) => {
                 return Ok(self

@@ -84,6 +84,23 @@ impl Record {
         }
     }
 
+    /// The sweeper's view of an encoded record, read without decoding the rest: the claim's token
+    /// (`None` for a completed record) and the time (unix ms) it lapses. `None` when the bytes are not
+    /// a record of this schema (the sweeper leaves those for the admin API).
+    pub fn peek_lapse(bytes: &[u8]) -> Option<(Option<u64>, u64)> {
+        let at = |i: usize| {
+            bytes
+                .get(i..i + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+        };
+        match bytes.get(..2)? {
+            [SCHEMA_VERSION, TAG_IN_FLIGHT] => Some((Some(at(2)?), at(18)?)),
+            [SCHEMA_VERSION, TAG_COMPLETED] => Some((None, at(10)?)),
+            _ => None,
+        }
+    }
+
     /// Encodes with the current schema version.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
@@ -244,6 +261,27 @@ mod tests {
             body_omitted: false,
             seen_only: true,
         })
+    }
+
+    #[test]
+    fn peek_lapse_reads_the_encoded_times() {
+        let done = completed();
+        let Record::Completed(c) = &done else {
+            unreachable!()
+        };
+        assert_eq!(
+            Record::peek_lapse(&done.encode()),
+            Some((None, c.expires_ms))
+        );
+        let claim = Record::InFlight(InFlight {
+            token: 7,
+            created_ms: 1,
+            deadline_ms: 99,
+            fingerprint: Fingerprint([0; 32]),
+        });
+        assert_eq!(Record::peek_lapse(&claim.encode()), Some((Some(7), 99)));
+        assert_eq!(Record::peek_lapse(&claim.encode()[..20]), None);
+        assert_eq!(Record::peek_lapse(b"\x09\x01"), None);
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! The embedded, durable store on sled 0.34.
 //!
-//! Trees: `records` (store key → encoded [`Record`]), `expiry` (big-endian unix ms ‖ store key → empty,
-//! for completed records), `meta` (schema version, clean-stop flag). Every state change is a `compare_and_swap` on `records`, retried from a fresh
-//! read when it loses a race, so two claimers can never both win. The expiry index entry of a result is
-//! written *before* the record it points to: a crash in between leaves an orphan index entry (removed
-//! when its time comes) rather than a record the sweeper would never find. Claims are short-lived and
-//! not indexed; the few that an unclean stop leaves behind are indexed by a scan at the next open. The sweeper re-reads each record
-//! before deleting it, so a stale index entry never deletes a live record.
+//! Trees: `records` (store key → encoded [`Record`]) and `meta` (schema version). Every state change is
+//! a `compare_and_swap` on `records`, retried from the current value when it loses a race, so two
+//! claimers can never both win. A first-seen key is claimed with one compare-and-swap (expecting no
+//! record), and its owner completes it with one more (expecting the claim bytes it wrote): two tree
+//! writes per request, no reads.
+//!
+//! Sweeping: there is no expiry index (it cost a third tree write per request, on the right-most leaf,
+//! whose keys grow with time). The sweeper walks `records` in key order from where the last sweep
+//! stopped, a bounded slice per sweep, wrapping around, and deletes what has lapsed (a completed record
+//! past its TTL, or a claim past its lease whose owner is not alive in this process — which covers
+//! claims left by a crash, found without any scan at open). Reads check expiry themselves, so a lapsed
+//! record is never replayed while it waits for the sweeper; the walk only bounds disk use.
 //!
 //! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once the write is
 //! flushed (group commit, see `flusher`), and a replay waits for any flush still pending, so a client
@@ -40,8 +45,9 @@ use crate::{
     key::{Fingerprint, StoreKey},
 };
 
-/// Most index entries one sweep looks at, so a sweep never holds up shutdown for long.
-const SWEEP_BATCH: usize = 100_000;
+/// Most records one sweep looks at: a sweep is a bounded slice of the walk over `records`, so it never
+/// holds up shutdown for long (about 1 µs per record here).
+const SWEEP_BATCH: usize = 50_000;
 
 /// How the sled store is opened.
 #[derive(Debug, Clone)]
@@ -60,7 +66,6 @@ pub struct SledOptions {
 #[derive(Debug, Clone)]
 pub struct SledStore {
     inner: Arc<Inner>,
-    meta: sled::Tree,
 }
 
 /// Abandons a claim whose `claim` call was dropped before it returned.
@@ -78,40 +83,17 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
-/// `meta` key: 1 after a clean stop with no claim in flight.
-const CLEAN: &str = "clean";
-
-/// Puts every in-flight claim into the expiry index (after an unclean stop); returns how many.
-fn index_leftover_claims(records: &sled::Tree, expiry: &sled::Tree) -> Result<u64, StoreError> {
-    let mut n = 0;
-    for item in records.iter() {
-        let (k, v) = item?;
-        if let (Ok(Record::InFlight(f)), Ok(key)) =
-            (Record::decode(&v), <[u8; 64]>::try_from(k.as_ref()))
-        {
-            expiry.insert(index_key(f.deadline_ms, &key), &[])?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-fn index_key(at_ms: u64, key: &[u8; 64]) -> [u8; 72] {
-    let mut k = [0u8; 72];
-    k[..8].copy_from_slice(&at_ms.to_be_bytes());
-    k[8..].copy_from_slice(key);
-    k
-}
-
 #[derive(Debug)]
 struct Inner {
     db: sled::Db,
     records: sled::Tree,
-    expiry: sled::Tree,
+    /// Where the next sweep resumes its walk over `records` (`None`: from the start).
+    sweep_from: std::sync::Mutex<Option<sled::IVec>>,
     flusher: Flusher,
     sync: SyncPolicy,
-    /// Claims whose owner is alive in this process: token → store key.
-    live: LiveOwners,
+    /// Claims whose owner is alive in this process: token → store key and the claim's stored bytes
+    /// (so `complete` and `release` swap them out without reading the record first).
+    live: Arc<LiveOwners<(StoreKey, sled::IVec)>>,
     /// `complete` calls between their CAS and their flush sequence number (see `claim`).
     completing: AtomicU64,
     watchers: Arc<Watchers>,
@@ -155,38 +137,23 @@ impl SledStore {
             }
         }
         let records = db.open_tree("records")?;
-        let expiry = db.open_tree("expiry")?;
-        // Claims are not put in the expiry index (it would cost a write per request, for the rare
-        // claim a crash leaves behind); after an unclean stop they are found by a scan instead.
-        let clean = meta.get(CLEAN)?.is_some_and(|v| v.as_ref() == [1]);
-        meta.insert(CLEAN, &[0])?;
-        let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
-        let flusher = Flusher::start(db.clone(), every).map_err(backend_err)?;
-        if !clean {
-            let (records, expiry) = (records.clone(), expiry.clone());
-            std::thread::Builder::new()
-                .name("idemproxy-recover".into())
-                .spawn(move || match index_leftover_claims(&records, &expiry) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(
-                        claims = n,
-                        "unclean stop: claims left in flight will expire with their lease"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "scan for claims left by an unclean stop failed")
-                    }
-                })
-                .map_err(backend_err)?;
+        // Data dirs of earlier builds kept an expiry index; the sweeper's walk replaced it.
+        if db.tree_names().iter().any(|n| n.as_ref() == b"expiry") {
+            db.drop_tree("expiry")?;
         }
+        let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
+        let live: Arc<LiveOwners<(StoreKey, sled::IVec)>> = Arc::default();
+        let claims = Arc::clone(&live);
+        let flusher = Flusher::start(db.clone(), every, Box::new(move || claims.len()))
+            .map_err(backend_err)?;
         Ok(Self {
-            meta,
             inner: Arc::new(Inner {
                 db,
                 records,
-                expiry,
+                sweep_from: std::sync::Mutex::new(None),
                 flusher,
                 sync: opts.sync,
-                live: LiveOwners::default(),
+                live,
                 completing: AtomicU64::new(0),
                 watchers: Arc::default(),
                 clock,
@@ -214,13 +181,11 @@ impl SledStore {
         self.inner.records.is_empty()
     }
 
-    /// Final flush and stop of the flusher thread. The store is marked clean only if no claim is left
-    /// in flight (otherwise the next open scans for them).
+    /// Final flush and stop of the flusher thread. Claims still in flight stay in the tree; after their
+    /// lease the sweeper (or a retry) takes them over, as after a crash.
     pub fn close(&self) {
         self.inner.flusher.stop();
-        if self.inner.live.is_empty() && self.meta.insert(CLEAN, &[1]).is_ok() {
-            let _ = self.inner.db.flush();
-        }
+        let _ = self.inner.db.flush();
     }
 }
 
@@ -242,9 +207,12 @@ impl Inner {
         }
     }
 
-    fn index(&self, at_ms: u64, key: &[u8; 64]) -> Result<(), StoreError> {
-        self.expiry.insert(index_key(at_ms, key), &[])?;
-        Ok(())
+    /// [`durable`](Self::durable) for a claim's own write (its owner is counted as live).
+    async fn durable_claim(&self, seq: u64) -> Result<(), StoreError> {
+        match self.sync {
+            SyncPolicy::Always => self.flusher.durable_claim(seq).await,
+            SyncPolicy::Periodic => Ok(()),
+        }
     }
 
     /// The stored claim of `token` (its raw bytes, for the compare-and-swap), or `None` when the
@@ -267,6 +235,22 @@ impl Inner {
         Ok(None)
     }
 
+    /// The claim of `token` as this process wrote it (`known`, no read needed: the compare-and-swap that
+    /// follows checks it is still there), or else as read from the tree (see `claim_of`).
+    fn current_claim(
+        &self,
+        key: &[u8; 64],
+        token: u64,
+        known: Option<sled::IVec>,
+    ) -> Result<Option<(sled::IVec, InFlight)>, StoreError> {
+        if let Some(bytes) = known {
+            if let Record::InFlight(f) = Record::decode(&bytes)? {
+                return Ok(Some((bytes, f)));
+            }
+        }
+        self.claim_of(key, token)
+    }
+
     /// One compare-and-swap; `Ok(false)` when another writer got there first.
     fn cas(
         &self,
@@ -277,41 +261,61 @@ impl Inner {
         Ok(self.records.compare_and_swap(key, old, new)?.is_ok())
     }
 
+    /// One slice of the walk over `records`: from where the last sweep stopped to the end, then from
+    /// the start back to there, at most [`SWEEP_BATCH`] records.
     fn sweep_blocking(&self) -> Result<SweepStats, StoreError> {
         let now = self.clock.now_ms();
-        let end = now.saturating_add(1).to_be_bytes();
         let mut stats = SweepStats::default();
-        for item in self.expiry.range(..end.as_slice()).take(SWEEP_BATCH) {
-            let (ik, _) = item?;
-            stats.scanned += 1;
-            let Some(key) = ik.get(8..).and_then(StoreKey::from_bytes) else {
-                self.expiry.remove(&ik)?;
-                continue;
-            };
-            let at = ik
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes);
-            let kb = key.to_bytes();
-            let mut keep_entry = false;
-            if let Some(cur) = self.records.get(kb)? {
-                if let Ok(rec) = Record::decode(&cur) {
-                    if self.lapsed(&rec, now) {
-                        if self.cas(&kb, Some(&cur), None)? {
-                            stats.expired += 1;
-                            self.watchers.notify(&key);
-                        }
-                    } else if Some(rec.expiry_ms()) == at {
-                        // A live owner past its deadline: look again next time.
-                        keep_entry = true;
-                    }
-                }
-            }
-            if !keep_entry {
-                self.expiry.remove(&ik)?;
+        let from = self
+            .sweep_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut next = self.sweep_range(
+            self.records.range(from.clone().unwrap_or_default()..),
+            now,
+            &mut stats,
+        )?;
+        if next.is_none() {
+            if let Some(from) = from {
+                next = self.sweep_range(self.records.range(..from), now, &mut stats)?;
             }
         }
+        *self.sweep_from.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(stats)
+    }
+
+    /// Sweeps the records of `range` until the batch is used up; returns the key to resume from then.
+    fn sweep_range(
+        &self,
+        range: sled::Iter,
+        now: u64,
+        stats: &mut SweepStats,
+    ) -> Result<Option<sled::IVec>, StoreError> {
+        for item in range {
+            let (k, v) = item?;
+            if stats.scanned as usize >= SWEEP_BATCH {
+                return Ok(Some(k));
+            }
+            stats.scanned += 1;
+            let lapsed = match Record::peek_lapse(&v) {
+                Some((Some(token), deadline)) => deadline <= now && !self.live.contains(token),
+                Some((None, expires)) => expires <= now,
+                None => false,
+            };
+            if lapsed
+                && self
+                    .records
+                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                    .is_ok()
+            {
+                stats.expired += 1;
+                if let Some(key) = StoreKey::from_bytes(&k) {
+                    self.watchers.notify(&key);
+                }
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -325,9 +329,11 @@ impl Store for SledStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let s = &*self.inner;
         let kb = key.to_bytes();
+        // Optimistic: the first compare-and-swap expects no record, so a first-seen key costs one tree
+        // operation; a key that exists makes it fail with the current record, which is then examined.
+        let mut cur: Option<sled::IVec> = None;
         loop {
             let now = s.clock.now_ms();
-            let cur = s.records.get(kb)?;
             if let Some(bytes) = &cur {
                 let rec = Record::decode(bytes)?;
                 if !s.lapsed(&rec, now) {
@@ -366,11 +372,15 @@ impl Store for SledStore {
                 deadline_ms: now.saturating_add(lease.as_millis() as u64),
                 fingerprint: fp,
             });
-            let encoded = rec.encode();
-            if !s.cas(&kb, cur.as_ref(), Some(encoded.clone()))? {
-                continue; // lost the race: look again
+            let encoded = sled::IVec::from(rec.encode());
+            if let Err(lost) =
+                s.records
+                    .compare_and_swap(kb, cur.as_ref(), Some(encoded.clone()))?
+            {
+                cur = lost.current; // a record exists, or changed since it was read: look at it
+                continue;
             }
-            s.live.insert(token, *key);
+            s.live.insert(token, (*key, encoded.clone()));
             // If this future is dropped while it waits (the client went away), the claim must not
             // stay "owned by a live process" forever: the guard abandons it to its lease.
             let mut guard = AbandonOnDrop {
@@ -378,16 +388,12 @@ impl Store for SledStore {
                 token,
                 armed: true,
             };
-            let durable = s.durable(s.flusher.wrote()).await;
+            let durable = s.durable_claim(s.flusher.wrote()).await;
             guard.armed = false;
             if let Err(e) = durable {
                 // Not durable: take the claim back so the client's retry is not refused for a lease.
                 s.live.remove(token);
-                let _ = s.cas(
-                    &kb,
-                    Some(&sled::IVec::from(encoded)),
-                    cur.map(|c| c.to_vec()),
-                );
+                let _ = s.cas(&kb, Some(&encoded), cur.map(|c| c.to_vec()));
                 s.watchers.notify(key);
                 return Err(e);
             }
@@ -404,8 +410,9 @@ impl Store for SledStore {
     ) -> Result<Committed, StoreError> {
         let s = &*self.inner;
         let kb = key.to_bytes();
+        let mut known = s.live.get(token).map(|(_, bytes)| bytes);
         loop {
-            let Some((cur, f)) = s.claim_of(&kb, token)? else {
+            let Some((cur, f)) = s.current_claim(&kb, token, known.take())? else {
                 return Ok(Committed::Stale);
             };
             let rec = Record::Completed(Completed {
@@ -418,7 +425,6 @@ impl Store for SledStore {
                 body_omitted: result.body_omitted,
                 seen_only: result.seen_only,
             });
-            s.index(rec.expiry_ms(), &kb)?;
             // Between this CAS and `wrote()` a reader could see the result before its write is
             // counted; `completing` tells the replay path to wait for a fresh flush meanwhile.
             s.completing.fetch_add(1, Ordering::SeqCst);
@@ -439,8 +445,9 @@ impl Store for SledStore {
     async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
         let s = &*self.inner;
         let kb = key.to_bytes();
+        let mut known = s.live.get(token).map(|(_, bytes)| bytes);
         loop {
-            let Some((cur, _)) = s.claim_of(&kb, token)? else {
+            let Some((cur, _)) = s.current_claim(&kb, token, known.take())? else {
                 return Ok(Committed::Stale);
             };
             if !s.cas(&kb, Some(&cur), None)? {
@@ -505,17 +512,9 @@ impl Store for SledStore {
     }
 
     fn abandon(&self, token: u64) {
-        // The owner died: index its claim at its deadline so the sweeper removes it if nobody retries.
-        let s = &*self.inner;
-        if let Some(kb) = s.live.remove(token).map(|k| k.to_bytes()) {
-            if let Ok(Some(cur)) = s.records.get(kb) {
-                if let Ok(Record::InFlight(f)) = Record::decode(&cur) {
-                    if f.token == token {
-                        let _ = s.index(f.deadline_ms, &kb);
-                    }
-                }
-            }
-        }
+        // The owner died: its claim is no longer protected by a live owner, so after its lease a
+        // retry takes it over or the sweeper's walk deletes it.
+        self.inner.live.remove(token);
     }
 
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
@@ -579,7 +578,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
-    /// A claim left by a crash (no clean close) is found at the next open and swept after its lease.
+    /// A claim left by a crash (no clean close) is swept after its lease by the walk over the records.
     #[tokio::test]
     async fn claims_left_by_a_crash_are_swept_after_their_lease() {
         let dir = tempfile::tempdir().unwrap();
@@ -598,25 +597,52 @@ mod tests {
             // Dropped without `close`: like a crash after the claim was made durable.
         }
         let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
-        clock.advance(lease.as_millis() as u64);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            // The scan runs in the background; sweep until it has indexed the claim.
-            if s.sweep().await.unwrap().expired == 1 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "leftover claim never swept"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        clock.advance(lease.as_millis() as u64 - 1);
+        assert_eq!(
+            s.sweep().await.unwrap().expired,
+            0,
+            "swept before its lease"
+        );
+        clock.advance(1);
+        assert_eq!(s.sweep().await.unwrap().expired, 1);
         assert!(s.is_empty());
-        s.close();
-        drop(s);
-        // A clean close with nothing in flight marks the store clean: no scan next time.
-        let raw = sled::open(dir.path()).unwrap();
-        let flag = raw.open_tree("meta").unwrap().get(CLEAN).unwrap();
-        assert_eq!(flag.as_deref(), Some(&[1u8][..]));
+    }
+
+    /// The walk resumes where the last sweep stopped and wraps around, so every record is reached
+    /// even when one sweep cannot look at them all.
+    #[tokio::test]
+    async fn the_sweep_walk_resumes_and_wraps_around() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(10_000_000));
+        let s = open_default(dir.path(), SyncPolicy::Periodic, clock.clone()).unwrap();
+        let ttl = Duration::from_secs(1);
+        let n = SWEEP_BATCH + SWEEP_BATCH / 2;
+        for i in 0..n as u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let key = StoreKey { id, scope: [0; 32] };
+            let ClaimOutcome::Claimed { token } =
+                s.claim(&key, Fingerprint([1; 32]), ttl).await.unwrap()
+            else {
+                panic!("not claimed")
+            };
+            let result = NewResult {
+                status: 200,
+                headers: Vec::new(),
+                body: bytes::Bytes::new(),
+                body_omitted: false,
+                seen_only: true,
+            };
+            s.complete(&key, token, result, ttl).await.unwrap();
+        }
+        clock.advance(1_000);
+        let first = s.sweep().await.unwrap();
+        assert_eq!(
+            (first.scanned, first.expired),
+            (SWEEP_BATCH as u64, SWEEP_BATCH as u64)
+        );
+        let second = s.sweep().await.unwrap();
+        assert_eq!(second.expired, (n - SWEEP_BATCH) as u64);
+        assert!(s.is_empty());
     }
 }

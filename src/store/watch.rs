@@ -78,22 +78,32 @@ impl Watchers {
     }
 }
 
-/// Claims whose owner is alive in this process: fencing token → the key it holds (the key lets a
-/// backend find the claim again when its owner is abandoned).
-#[derive(Debug, Default)]
-pub(crate) struct LiveOwners(Mutex<HashMap<u64, StoreKey>>);
+/// Claims whose owner is alive in this process: fencing token → what the backend keeps about the claim
+/// (at least the key it holds, so a backend can find the claim again when its owner is abandoned; the
+/// sled store also keeps the claim's stored bytes, so `complete` can swap them without reading first).
+#[derive(Debug)]
+pub(crate) struct LiveOwners<T = StoreKey>(Mutex<HashMap<u64, T>>);
 
-impl LiveOwners {
-    pub(crate) fn insert(&self, token: u64, key: StoreKey) {
-        lock(&self.0).insert(token, key);
+impl<T> Default for LiveOwners<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
     }
-    pub(crate) fn remove(&self, token: u64) -> Option<StoreKey> {
+}
+
+impl<T: Clone> LiveOwners<T> {
+    pub(crate) fn insert(&self, token: u64, owner: T) {
+        lock(&self.0).insert(token, owner);
+    }
+    pub(crate) fn remove(&self, token: u64) -> Option<T> {
         lock(&self.0).remove(&token)
+    }
+    pub(crate) fn get(&self, token: u64) -> Option<T> {
+        lock(&self.0).get(&token).cloned()
     }
     pub(crate) fn contains(&self, token: u64) -> bool {
         lock(&self.0).contains_key(&token)
     }
-    pub(crate) fn is_empty(&self) -> bool {
-        lock(&self.0).is_empty()
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.0).len()
     }
 }
