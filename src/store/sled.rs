@@ -22,11 +22,9 @@
 //! thread and the sweep in `spawn_blocking`.
 
 use std::{
+    collections::HashMap,
     path::Path,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -68,6 +66,34 @@ pub struct SledStore {
     inner: Arc<Inner>,
 }
 
+/// An entry of `Inner::unflushed`, removed when dropped.
+struct Unflushed<'a> {
+    map: &'a Mutex<HashMap<[u8; 64], u64>>,
+    key: [u8; 64],
+}
+
+impl<'a> Unflushed<'a> {
+    fn new(map: &'a Mutex<HashMap<[u8; 64], u64>>, key: [u8; 64]) -> Self {
+        lock(map).insert(key, 0);
+        Self { map, key }
+    }
+
+    fn covered_by(&self, seq: u64) {
+        lock(self.map).insert(self.key, seq);
+    }
+}
+
+impl Drop for Unflushed<'_> {
+    fn drop(&mut self) {
+        lock(self.map).remove(&self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Single inserts and removes: a panic cannot leave the map inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Abandons a claim whose `claim` call was dropped before it returned.
 struct AbandonOnDrop<'a> {
     store: &'a SledStore,
@@ -88,14 +114,16 @@ struct Inner {
     db: sled::Db,
     records: sled::Tree,
     /// Where the next sweep resumes its walk over `records` (`None`: from the start).
-    sweep_from: std::sync::Mutex<Option<sled::IVec>>,
+    sweep_from: Mutex<Option<sled::IVec>>,
     flusher: Flusher,
     sync: SyncPolicy,
     /// Claims whose owner is alive in this process: token → store key and the claim's stored bytes
     /// (so `complete` and `release` swap them out without reading the record first).
     live: Arc<LiveOwners<(StoreKey, sled::IVec)>>,
-    /// `complete` calls between their CAS and their flush sequence number (see `claim`).
-    completing: AtomicU64,
+    /// Results written but not yet known durable (`sync = "always"`): store key → the flush sequence
+    /// number that covers the write (0 while its compare-and-swap is in progress). A replay of a key
+    /// listed here waits for that flush; every other record is durable and replays at once.
+    unflushed: Mutex<HashMap<[u8; 64], u64>>,
     watchers: Arc<Watchers>,
     clock: Arc<dyn Clock>,
 }
@@ -150,11 +178,11 @@ impl SledStore {
             inner: Arc::new(Inner {
                 db,
                 records,
-                sweep_from: std::sync::Mutex::new(None),
+                sweep_from: Mutex::new(None),
                 flusher,
                 sync: opts.sync,
                 live,
-                completing: AtomicU64::new(0),
+                unflushed: Mutex::default(),
                 watchers: Arc::default(),
                 clock,
             }),
@@ -266,11 +294,7 @@ impl Inner {
     fn sweep_blocking(&self) -> Result<SweepStats, StoreError> {
         let now = self.clock.now_ms();
         let mut stats = SweepStats::default();
-        let from = self
-            .sweep_from
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let from = lock(&self.sweep_from).take();
         let mut next = self.sweep_range(
             self.records.range(from.clone().unwrap_or_default()..),
             now,
@@ -281,7 +305,7 @@ impl Inner {
                 next = self.sweep_range(self.records.range(..from), now, &mut stats)?;
             }
         }
-        *self.sweep_from.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        *lock(&self.sweep_from) = next;
         Ok(stats)
     }
 
@@ -343,15 +367,16 @@ impl Store for SledStore {
                             retry_after: retry_after(f.deadline_ms, now),
                         },
                         Record::Completed(c) => {
-                            // The record may have been written by a request whose flush is still
-                            // pending: never replay what a crash could take back. A `complete` between
-                            // its CAS and its sequence number is visible in `completing`: then wait for
-                            // a flush that starts after this read.
+                            // A result whose flush is still pending is not replayed before it is
+                            // durable: never answer with what a crash could take back. A `complete`
+                            // still between its CAS and its sequence number (0) waits for a flush
+                            // that starts after this read.
                             if s.sync == SyncPolicy::Always {
-                                let waited = if s.completing.load(Ordering::SeqCst) > 0 {
-                                    s.flusher.durable(s.flusher.wrote()).await
-                                } else {
-                                    s.flusher.durable_now().await
+                                let pending = lock(&s.unflushed).get(&kb).copied();
+                                let waited = match pending {
+                                    None => Ok(()),
+                                    Some(0) => s.flusher.durable(s.flusher.wrote()).await,
+                                    Some(seq) => s.flusher.durable(seq).await,
                                 };
                                 // Replaying is still right if the flush failed: forwarding (as
                                 // `on_store_error = "pass"` would) could run the request twice.
@@ -425,17 +450,20 @@ impl Store for SledStore {
                 body_omitted: result.body_omitted,
                 seen_only: result.seen_only,
             });
-            // Between this CAS and `wrote()` a reader could see the result before its write is
-            // counted; `completing` tells the replay path to wait for a fresh flush meanwhile.
-            s.completing.fetch_add(1, Ordering::SeqCst);
+            // Listed as unflushed before the CAS, so a replay that sees the result also sees the
+            // entry; removed (by the guard) once the flush returned, or if this write did not happen.
+            let pending = (s.sync == SyncPolicy::Always).then(|| Unflushed::new(&s.unflushed, kb));
             let swapped = s.cas(&kb, Some(&cur), Some(rec.encode()));
             let seq = s.flusher.wrote();
-            s.completing.fetch_sub(1, Ordering::SeqCst);
+            if let Some(p) = &pending {
+                p.covered_by(seq);
+            }
             if !swapped? {
                 continue;
             }
             s.live.remove(token);
             let durable = s.durable(seq).await;
+            drop(pending);
             s.watchers.notify(key);
             durable?;
             return Ok(Committed::Done);
@@ -606,6 +634,44 @@ mod tests {
         clock.advance(1);
         assert_eq!(s.sweep().await.unwrap().expired, 1);
         assert!(s.is_empty());
+    }
+
+    /// A replay waits only for the flush of its own key's result: once `complete` returned, the
+    /// key is off the unflushed list (nothing leaks), and the replay answers at once.
+    #[tokio::test]
+    async fn completed_results_leave_the_unflushed_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(10_000_000));
+        let s = open_default(dir.path(), SyncPolicy::Always, clock).unwrap();
+        let fp = Fingerprint([1; 32]);
+        for i in 0..20u8 {
+            let key = StoreKey {
+                id: [i; 32],
+                scope: [0; 32],
+            };
+            let ClaimOutcome::Claimed { token } =
+                s.claim(&key, fp, Duration::from_secs(30)).await.unwrap()
+            else {
+                panic!("not claimed")
+            };
+            let result = NewResult {
+                status: 201,
+                headers: Vec::new(),
+                body: bytes::Bytes::from_static(b"ok"),
+                body_omitted: false,
+                seen_only: false,
+            };
+            let ttl = Duration::from_secs(60);
+            assert_eq!(
+                s.complete(&key, token, result, ttl).await.unwrap(),
+                Committed::Done
+            );
+            assert!(lock(&s.inner.unflushed).is_empty());
+            assert!(matches!(
+                s.claim(&key, fp, Duration::from_secs(30)).await.unwrap(),
+                ClaimOutcome::Completed(c) if c.body.as_ref() == b"ok"
+            ));
+        }
     }
 
     /// The walk resumes where the last sweep stopped and wraps around, so every record is reached
