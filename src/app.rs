@@ -233,7 +233,8 @@ fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     l.local_addr().unwrap_or(fallback)
 }
 
-/// Deletes expired records every `every` until stopped.
+/// Deletes expired records (and folds metric samples, see [`metrics::upkeep`]) every `every` until
+/// stopped.
 async fn sweep_loop(
     store: Arc<dyn Store>,
     every: std::time::Duration,
@@ -244,6 +245,7 @@ async fn sweep_loop(
             () = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        metrics::upkeep();
         match store.sweep().await {
             Ok(s) if s.expired > 0 => {
                 tracing::debug!(expired = s.expired, scanned = s.scanned, "swept")

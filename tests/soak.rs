@@ -12,7 +12,7 @@
 //! (minutes, hundreds of thousands of requests) such growth crosses 1.5× long before the end. The bound is
 //! loose on purpose: the CI machine is shared, and a flaky soak is worse than none.
 //!
-//! sled's page cache is set to 8 MiB (`store.cache_capacity`; default 64 MiB): the cache grows by design up
+//! sled's page cache is set to 8 MiB (`store.cache_capacity`; default 16 MiB): the cache grows by design up
 //! to its capacity, and a small one reaches that plateau within the warm-up.
 //!
 //! Short form: 20 s. Longer: `IDEMPROXY_SOAK_SECS=300`. `IDEMPROXY_SOAK_MIX=unique,burst` (any of
@@ -198,7 +198,7 @@ async fn resources_stay_flat_under_key_churn_with_short_ttls() {
     let mut rng = Rng::from_env("soak");
     let up = KeyedUpstream::start();
     let p = Proxy::builder(up.url())
-        // sled's page cache grows by design up to `cache_capacity` (64 MiB by default); a small cache
+        // sled's page cache grows by design up to `cache_capacity` (16 MiB by default); a small cache
         // reaches that plateau during the warm-up, so growth after it is not the cache filling up.
         .store("sweep_interval = \"200ms\"\ncache_capacity = \"8MiB\"")
         .defaults("ttl = \"1s\"\nlease = \"2s\"\non_in_flight = \"reject\"")

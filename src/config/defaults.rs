@@ -26,8 +26,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// sled data directory.
 pub const DEFAULT_STORE_PATH: &str = "data";
-/// sled page cache; sled's own default (1 GiB) is far too large for a sidecar.
-pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+/// sled page cache; sled's own default (1 GiB) is far too large for a sidecar. sled's accounting
+/// undercounts: RSS grows by about 2–3 MiB per MiB of cache, on top of ~60 bytes per stored record
+/// (its page table). 16 MiB keeps a proxy holding 1,000,000 records under 150 MB (see BENCHMARKS.md).
+pub const DEFAULT_CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 /// How often expired records are swept from disk.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often `sync = "periodic"` makes writes durable.

@@ -76,7 +76,7 @@ impl Record {
         }
     }
 
-    /// The time (unix ms) at which the record lapses; the key of its expiry-index entry.
+    /// The time (unix ms) at which the record lapses.
     pub fn expiry_ms(&self) -> u64 {
         match self {
             Record::InFlight(f) => f.deadline_ms,
