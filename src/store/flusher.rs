@@ -18,8 +18,10 @@
 //! their result soon and can share the flush), and flushes at once when every claim holder is already
 //! waiting. A lone request never waits for a window.
 //!
-//! Writers wake the flusher only when it sleeps waiting for work or watches a window; a writer that
-//! arrives while a flush runs just queues (the flusher looks at the queue when the flush returns).
+//! Writers wake the flusher only when it sleeps waiting for a first writer, or when it holds a window
+//! and the last live claim has just started to wait; a writer that arrives while a flush runs just
+//! queues (the flusher looks at the queue when the flush returns). Waking it on every arrival during a
+//! window cost a futex wake and two context switches per write (a fifth of the CPU at 256 connections).
 
 use std::{
     sync::{
@@ -56,22 +58,34 @@ struct State {
     waiters: Vec<Waiter>,
     /// Waiters that hold a claim.
     claim_waiters: usize,
-    /// The flusher is blocked waiting for a writer, or watching a commit window: wake it on arrival.
+    /// The flusher is blocked waiting for a first writer: wake it on arrival.
     listening: bool,
+    /// The flusher is holding a flush back (commit window): wake it only once every live claim waits.
+    windowed: bool,
     stop: bool,
 }
 
 /// How many claims of this process are held (waiting for their flush or at the upstream).
 pub(crate) type LiveClaims = Box<dyn Fn() -> usize + Send + Sync>;
 
-#[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    /// Claims of this process held right now.
+    live: LiveClaims,
     wake: Condvar,
     written: AtomicU64,
     flushed: AtomicU64,
     flushes: AtomicU64,
     failed: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("written", &self.written)
+            .field("flushed", &self.flushed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counters for benchmarks and metrics.
@@ -104,6 +118,7 @@ impl Flusher {
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::default(),
+            live,
             wake: Condvar::new(),
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
@@ -113,7 +128,7 @@ impl Flusher {
         let s = Arc::clone(&shared);
         let handle = thread::Builder::new()
             .name("idemproxy-flush".into())
-            .spawn(move || run(&db, &s, every, &live))?;
+            .spawn(move || run(&db, &s, every))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(handle)),
@@ -152,7 +167,7 @@ impl Flusher {
                 tx,
             });
             st.claim_waiters += usize::from(holds_claim);
-            st.listening
+            st.listening || (st.windowed && (self.shared.live)() <= st.claim_waiters)
         };
         if wake {
             self.shared.wake.notify_one();
@@ -203,7 +218,7 @@ impl Drop for Flusher {
     }
 }
 
-fn run(db: &sled::Db, s: &Shared, every: Option<Duration>, live: &LiveClaims) {
+fn run(db: &sled::Db, s: &Shared, every: Option<Duration>) {
     // Wall time of the last flush: the commit window is at most about one flush long.
     let mut last_flush = Duration::ZERO;
     loop {
@@ -225,10 +240,10 @@ fn run(db: &sled::Db, s: &Shared, every: Option<Duration>, live: &LiveClaims) {
                     None => st = s.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
                 }
             }
-            if every.is_none() && !st.stop {
-                st = window(s, st, last_flush.min(MAX_WINDOW), live);
-            }
             st.listening = false;
+            if every.is_none() && !st.stop {
+                st = window(s, st, last_flush.min(MAX_WINDOW));
+            }
             st.stop
         };
         // Read the target before flushing: every write numbered <= target completed before this point.
@@ -269,11 +284,11 @@ fn window<'a>(
     s: &'a Shared,
     mut st: MutexGuard<'a, State>,
     limit: Duration,
-    live: &LiveClaims,
 ) -> MutexGuard<'a, State> {
     let until = Instant::now() + limit;
     loop {
-        if st.stop || live() <= st.claim_waiters {
+        if st.stop || (s.live)() <= st.claim_waiters {
+            st.windowed = false;
             return st;
         }
         let Some(left) = until
