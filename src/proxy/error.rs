@@ -140,14 +140,24 @@ impl ProxyError {
 
     /// The RFC 9457 body.
     pub fn problem_body(&self) -> Bytes {
-        let status = self.status();
-        let body = serde_json::json!({
-            "type": format!("{TYPE_BASE}{}", self.code()),
-            "title": self.title(),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-            "code": self.code(),
-        });
+        /// The members, in this order (serialised straight from the struct: 409s come in bursts).
+        #[derive(serde::Serialize)]
+        struct Problem<'a> {
+            #[serde(rename = "type")]
+            kind: String,
+            title: &'a str,
+            status: u16,
+            detail: String,
+            code: &'a str,
+        }
+        let code = self.code();
+        let body = Problem {
+            kind: format!("{TYPE_BASE}{code}"),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.to_string(),
+            code,
+        };
         serde_json::to_vec(&body)
             .map(Bytes::from)
             .unwrap_or_default()
