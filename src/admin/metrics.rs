@@ -262,31 +262,33 @@ pub fn store_stats(size_bytes: Option<u64>, flushes: u64, durable_writes: u64) {
 
 /// Counts a request as in flight while alive.
 #[derive(Debug)]
-pub struct InflightGuard(Option<metrics::Gauge>);
+pub struct InflightGuard(metrics::Gauge);
 
 impl InflightGuard {
     /// A request being handled.
     pub fn request() -> Self {
-        Self::up(HOT.get().map(|h| h.inflight.clone()))
+        Self::up(
+            HOT.get()
+                .map_or_else(|| gauge!("idemproxy_inflight"), |h| h.inflight.clone()),
+        )
     }
 
     /// A duplicate waiting for its first request.
     pub fn waiting() -> Self {
-        Self::up(HOT.get().map(|h| h.waiting.clone()))
+        Self::up(
+            HOT.get()
+                .map_or_else(|| gauge!("idemproxy_waiting"), |h| h.waiting.clone()),
+        )
     }
 
-    fn up(g: Option<metrics::Gauge>) -> Self {
-        if let Some(g) = &g {
-            g.increment(1.0);
-        }
+    fn up(g: metrics::Gauge) -> Self {
+        g.increment(1.0);
         Self(g)
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if let Some(g) = &self.0 {
-            g.decrement(1.0);
-        }
+        self.0.decrement(1.0);
     }
 }

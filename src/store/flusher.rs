@@ -42,7 +42,7 @@ pub(crate) const MAX_WINDOW: Duration = Duration::from_millis(2);
 /// A writer waiting for its write to be durable.
 struct Waiter {
     seq: u64,
-    /// The writer holds a claim (it is counted by the live-claims gauge).
+    /// The writer holds a claim (it is counted by the live-claims count).
     holds_claim: bool,
     tx: oneshot::Sender<Result<(), Arc<sled::Error>>>,
 }
@@ -146,7 +146,7 @@ impl Flusher {
     }
 
     /// Like [`durable`](Self::durable), for a writer that holds a claim counted by the live-claims
-    /// gauge (the commit window must know it is already waiting).
+    /// set (the commit window must know it is already waiting).
     pub(crate) async fn durable_claim(&self, seq: u64) -> Result<(), StoreError> {
         self.wait(seq, true).await
     }
@@ -160,6 +160,11 @@ impl Flusher {
             let mut st = lock(&self.shared.state);
             if st.stop {
                 return Err(StoreError::Closed);
+            }
+            // A flush may have covered `seq` since the check above (it takes the queue under this
+            // lock): do not queue for the next one.
+            if self.shared.flushed.load(Ordering::SeqCst) >= seq {
+                return Ok(());
             }
             st.waiters.push(Waiter {
                 seq,
@@ -279,7 +284,8 @@ fn run(db: &sled::Db, s: &Shared, every: Option<Duration>) {
 
 /// The commit window: holds the flush back, for at most `limit`, while some live claims are not yet
 /// waiting for it (they are at the upstream and will write their result soon). Returns at once when
-/// every claim holder waits already, or when nothing holds a claim (a lone writer, a release).
+/// every claim holder waits already, or when nothing holds a claim (a lone writer, a release). A claim
+/// that ends without a write (abandoned, stale) ends the window only at its limit.
 fn window<'a>(
     s: &'a Shared,
     mut st: MutexGuard<'a, State>,
@@ -287,16 +293,15 @@ fn window<'a>(
 ) -> MutexGuard<'a, State> {
     let until = Instant::now() + limit;
     loop {
-        if st.stop || (s.live)() <= st.claim_waiters {
+        let left = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero());
+        let Some(left) = left.filter(|_| !st.stop && (s.live)() > st.claim_waiters) else {
             st.windowed = false;
             return st;
-        }
-        let Some(left) = until
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-        else {
-            return st;
         };
+        // A writer that makes every live claim a waiter wakes us (see `Flusher::wait`).
+        st.windowed = true;
         st = s
             .wake
             .wait_timeout(st, left)

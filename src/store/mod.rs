@@ -10,6 +10,9 @@
 //!     │                              └──┘                                   │
 //!     │            TTL passed (reads treat it as Absent; the sweeper deletes)│
 //!     └─────────────────────────────────────────────────────────────────────┘
+//!     ▲                          │
+//!     └──────────────────────────┘ sweeper: lease deadline passed and no live owner in this
+//!                                   process (abandoned, or left by a crash)
 //! ```
 //! - `claim` is the only way in, and it is atomic (sled compare-and-swap): of any number of concurrent
 //!   claimers exactly one gets [`ClaimOutcome::Claimed`].
@@ -22,7 +25,8 @@
 //! - A completed record past its TTL is never returned: reads check `expires_ms`; the sweeper removes it
 //!   from disk later.
 //! - With [`crate::config::SyncPolicy::Always`] a claim is durable before `claim` returns and a result
-//!   before `complete` returns.
+//!   before `complete` returns, and a `claim` that finds a result whose flush is still pending waits for
+//!   it before answering [`ClaimOutcome::Completed`] (a replay never shows what a crash could take back).
 
 mod flusher;
 pub mod instrumented;
@@ -92,7 +96,7 @@ pub struct NewResult {
 pub struct SweepStats {
     /// Expired records deleted.
     pub expired: u64,
-    /// Index entries looked at.
+    /// Records (or index entries, for a backend with an index) looked at.
     pub scanned: u64,
 }
 

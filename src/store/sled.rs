@@ -14,8 +14,8 @@
 //! record is never replayed while it waits for the sweeper; the walk only bounds disk use.
 //!
 //! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once the write is
-//! flushed (group commit, see `flusher`), and a replay waits for any flush still pending, so a client
-//! never sees a result that a crash could take back. sled flushes with `sync_file_range` on Linux: this
+//! flushed (group commit, see `flusher`), and a replay of a result whose flush is still pending waits
+//! for that flush (the `unflushed` map), so a client never sees a result that a crash could take back. sled flushes with `sync_file_range` on Linux: this
 //! survives a process crash (kill -9); it is weaker than `fdatasync` against power loss.
 //!
 //! sled calls are synchronous but short (in-memory tree operations); the fsync runs on the flusher
@@ -43,9 +43,25 @@ use crate::{
     key::{Fingerprint, StoreKey},
 };
 
-/// Most records one sweep looks at: a sweep is a bounded slice of the walk over `records`, so it never
-/// holds up shutdown for long (about 1 µs per record here).
-const SWEEP_BATCH: usize = 50_000;
+/// Fewest records one sweep looks at: a sweep is a bounded slice of the walk over `records` (about
+/// 1 µs per record here), so it never holds up shutdown for long.
+const SWEEP_BATCH: u64 = 50_000;
+
+/// A larger store gets larger slices, so one lap of the walk takes at most this many sweeps (5 minutes
+/// at the default `sweep_interval`): an expired record stays on disk at most that long after its TTL,
+/// however fast keys arrive.
+const LAP_SWEEPS: u64 = 60;
+
+/// Where the sweeper's walk over `records` stands.
+#[derive(Debug, Clone, Default)]
+struct Walk {
+    /// Where the next sweep resumes (`None`: from the start).
+    from: Option<sled::IVec>,
+    /// Records looked at since the walk last passed the end of the tree.
+    lap: u64,
+    /// Records one sweep looks at: the size of the last lap ÷ LAP_SWEEPS, at least SWEEP_BATCH.
+    batch: u64,
+}
 
 /// How the sled store is opened.
 #[derive(Debug, Clone)]
@@ -66,26 +82,55 @@ pub struct SledStore {
     inner: Arc<Inner>,
 }
 
-/// An entry of `Inner::unflushed`, removed when dropped.
+/// Results written but not yet known durable: store key → (token of the writer, flush sequence number
+/// that covers the write, 0 while its compare-and-swap is in progress or after its flush failed).
+type UnflushedMap = Mutex<HashMap<[u8; 64], (u64, u64)>>;
+
+/// The entry of one `complete` in `Inner::unflushed`. Dropped, it removes the entry if it is still
+/// its own (a later writer of the same key — after a purge, or a TTL shorter than a flush — may have
+/// replaced it); `keep` leaves it for the replays to settle (its flush failed).
 struct Unflushed<'a> {
-    map: &'a Mutex<HashMap<[u8; 64], u64>>,
+    map: &'a UnflushedMap,
     key: [u8; 64],
+    token: u64,
+    armed: bool,
 }
 
 impl<'a> Unflushed<'a> {
-    fn new(map: &'a Mutex<HashMap<[u8; 64], u64>>, key: [u8; 64]) -> Self {
-        lock(map).insert(key, 0);
-        Self { map, key }
+    fn new(map: &'a UnflushedMap, key: [u8; 64], token: u64) -> Self {
+        lock(map).insert(key, (token, 0));
+        Self {
+            map,
+            key,
+            token,
+            armed: true,
+        }
     }
 
     fn covered_by(&self, seq: u64) {
-        lock(self.map).insert(self.key, seq);
+        lock(self.map).insert(self.key, (self.token, seq));
+    }
+
+    /// The flush failed: later replays must wait for one that succeeds (a fresh one, seq 0).
+    fn keep(mut self) {
+        lock(self.map).insert(self.key, (self.token, 0));
+        self.armed = false;
     }
 }
 
 impl Drop for Unflushed<'_> {
     fn drop(&mut self) {
-        lock(self.map).remove(&self.key);
+        if self.armed {
+            remove_if(self.map, &self.key, |(t, _)| t == self.token);
+        }
+    }
+}
+
+/// Removes `key` from `map` if its entry passes `mine`.
+fn remove_if(map: &UnflushedMap, key: &[u8; 64], mine: impl Fn((u64, u64)) -> bool) {
+    let mut m = lock(map);
+    if m.get(key).is_some_and(|e| mine(*e)) {
+        m.remove(key);
     }
 }
 
@@ -109,21 +154,35 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
+/// Fencing tokens without a sled call per claim: `block` comes from sled's id generator (monotonic
+/// across restarts and crashes) and the low [`TOKEN_BITS`] bits count claims within it, so every token
+/// is larger than all tokens issued before, in this process or an earlier one. A new block is taken
+/// every 2^TOKEN_BITS claims.
+#[derive(Debug)]
+struct Tokens {
+    block: u64,
+    used: u64,
+}
+
+/// Claims per block of fencing tokens.
+const TOKEN_BITS: u32 = 20;
+
 #[derive(Debug)]
 struct Inner {
     db: sled::Db,
     records: sled::Tree,
-    /// Where the next sweep resumes its walk over `records` (`None`: from the start).
-    sweep_from: Mutex<Option<sled::IVec>>,
+    /// The sweeper's walk over `records`.
+    walk: Mutex<Walk>,
     flusher: Flusher,
     sync: SyncPolicy,
     /// Claims whose owner is alive in this process: token → store key and the claim's stored bytes
     /// (so `complete` and `release` swap them out without reading the record first).
     live: Arc<LiveOwners<(StoreKey, sled::IVec)>>,
-    /// Results written but not yet known durable (`sync = "always"`): store key → the flush sequence
-    /// number that covers the write (0 while its compare-and-swap is in progress). A replay of a key
-    /// listed here waits for that flush; every other record is durable and replays at once.
-    unflushed: Mutex<HashMap<[u8; 64], u64>>,
+    /// Results written but not yet known durable (`sync = "always"`, see [`UnflushedMap`]). A replay
+    /// of a key listed here waits for that flush; every other record is durable and replays at once.
+    unflushed: UnflushedMap,
+    /// Fencing tokens: see [`Tokens`].
+    tokens: Mutex<Tokens>,
     watchers: Arc<Watchers>,
     clock: Arc<dyn Clock>,
 }
@@ -169,6 +228,7 @@ impl SledStore {
         if db.tree_names().iter().any(|n| n.as_ref() == b"expiry") {
             db.drop_tree("expiry")?;
         }
+        let block = db.generate_id()?;
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
         let live: Arc<LiveOwners<(StoreKey, sled::IVec)>> = Arc::default();
         let claims = Arc::clone(&live);
@@ -178,11 +238,15 @@ impl SledStore {
             inner: Arc::new(Inner {
                 db,
                 records,
-                sweep_from: Mutex::new(None),
+                walk: Mutex::new(Walk {
+                    batch: SWEEP_BATCH,
+                    ..Walk::default()
+                }),
                 flusher,
                 sync: opts.sync,
                 live,
                 unflushed: Mutex::default(),
+                tokens: Mutex::new(Tokens { block, used: 0 }),
                 watchers: Arc::default(),
                 clock,
             }),
@@ -263,6 +327,17 @@ impl Inner {
         Ok(None)
     }
 
+    /// The next fencing token (> 0).
+    fn next_token(&self) -> Result<u64, StoreError> {
+        let mut t = lock(&self.tokens);
+        if t.used == 1 << TOKEN_BITS {
+            t.block = self.db.generate_id()?;
+            t.used = 0;
+        }
+        t.used += 1;
+        Ok((t.block << TOKEN_BITS) | t.used)
+    }
+
     /// The claim of `token` as this process wrote it (`known`, no read needed: the compare-and-swap that
     /// follows checks it is still there), or else as read from the tree (see `claim_of`).
     fn current_claim(
@@ -290,22 +365,29 @@ impl Inner {
     }
 
     /// One slice of the walk over `records`: from where the last sweep stopped to the end, then from
-    /// the start back to there, at most [`SWEEP_BATCH`] records.
+    /// the start back to there, at most `walk.batch` records. On an error the walk stays where it was.
     fn sweep_blocking(&self) -> Result<SweepStats, StoreError> {
         let now = self.clock.now_ms();
         let mut stats = SweepStats::default();
-        let from = lock(&self.sweep_from).take();
-        let mut next = self.sweep_range(
-            self.records.range(from.clone().unwrap_or_default()..),
-            now,
-            &mut stats,
-        )?;
+        let mut walk = lock(&self.walk).clone();
+        let from = walk.from.clone();
+        let range = self.records.range(from.clone().unwrap_or_default()..);
+        let mut next = self.sweep_range(range, now, walk.batch, &mut stats)?;
         if next.is_none() {
+            // Past the end: a lap is over, and its size sets the slices of the next one.
+            let lap = walk.lap + stats.scanned;
+            walk.batch = (lap / LAP_SWEEPS).max(SWEEP_BATCH);
+            walk.lap = 0;
+            let before = stats.scanned;
             if let Some(from) = from {
-                next = self.sweep_range(self.records.range(..from), now, &mut stats)?;
+                next = self.sweep_range(self.records.range(..from), now, walk.batch, &mut stats)?;
             }
+            walk.lap = stats.scanned - before;
+        } else {
+            walk.lap += stats.scanned;
         }
-        *lock(&self.sweep_from) = next;
+        walk.from = next;
+        *lock(&self.walk) = walk;
         Ok(stats)
     }
 
@@ -314,11 +396,12 @@ impl Inner {
         &self,
         range: sled::Iter,
         now: u64,
+        batch: u64,
         stats: &mut SweepStats,
     ) -> Result<Option<sled::IVec>, StoreError> {
         for item in range {
             let (k, v) = item?;
-            if stats.scanned as usize >= SWEEP_BATCH {
+            if stats.scanned >= batch {
                 return Ok(Some(k));
             }
             stats.scanned += 1;
@@ -375,8 +458,15 @@ impl Store for SledStore {
                                 let pending = lock(&s.unflushed).get(&kb).copied();
                                 let waited = match pending {
                                     None => Ok(()),
-                                    Some(0) => s.flusher.durable(s.flusher.wrote()).await,
-                                    Some(seq) => s.flusher.durable(seq).await,
+                                    Some(entry @ (_, seq)) => {
+                                        let seq = if seq == 0 { s.flusher.wrote() } else { seq };
+                                        let r = s.flusher.durable(seq).await;
+                                        if r.is_ok() {
+                                            // Durable now, whoever wrote it: settle a kept entry.
+                                            remove_if(&s.unflushed, &kb, |e| e == entry);
+                                        }
+                                        r
+                                    }
                                 };
                                 // Replaying is still right if the flush failed: forwarding (as
                                 // `on_store_error = "pass"` would) could run the request twice.
@@ -389,8 +479,7 @@ impl Store for SledStore {
                     });
                 }
             }
-            // Fencing token: sled's id generator is monotonic across restarts and crashes.
-            let token = s.db.generate_id()? + 1;
+            let token = s.next_token()?;
             let rec = Record::InFlight(InFlight {
                 token,
                 created_ms: now,
@@ -398,14 +487,24 @@ impl Store for SledStore {
                 fingerprint: fp,
             });
             let encoded = sled::IVec::from(rec.encode());
-            if let Err(lost) =
-                s.records
-                    .compare_and_swap(kb, cur.as_ref(), Some(encoded.clone()))?
-            {
-                cur = lost.current; // a record exists, or changed since it was read: look at it
-                continue;
-            }
+            // Live before it is written: the sweeper must never see this claim without its owner
+            // (with a lease of a few ms it could otherwise delete it as lapsed).
             s.live.insert(token, (*key, encoded.clone()));
+            let swapped = s
+                .records
+                .compare_and_swap(kb, cur.as_ref(), Some(encoded.clone()));
+            match swapped {
+                Ok(Ok(())) => {}
+                Ok(Err(lost)) => {
+                    s.live.remove(token);
+                    cur = lost.current; // a record exists, or changed since it was read: look at it
+                    continue;
+                }
+                Err(e) => {
+                    s.live.remove(token);
+                    return Err(e.into());
+                }
+            }
             // If this future is dropped while it waits (the client went away), the claim must not
             // stay "owned by a live process" forever: the guard abandons it to its lease.
             let mut guard = AbandonOnDrop {
@@ -452,7 +551,8 @@ impl Store for SledStore {
             });
             // Listed as unflushed before the CAS, so a replay that sees the result also sees the
             // entry; removed (by the guard) once the flush returned, or if this write did not happen.
-            let pending = (s.sync == SyncPolicy::Always).then(|| Unflushed::new(&s.unflushed, kb));
+            let pending =
+                (s.sync == SyncPolicy::Always).then(|| Unflushed::new(&s.unflushed, kb, token));
             let swapped = s.cas(&kb, Some(&cur), Some(rec.encode()));
             let seq = s.flusher.wrote();
             if let Some(p) = &pending {
@@ -463,7 +563,9 @@ impl Store for SledStore {
             }
             s.live.remove(token);
             let durable = s.durable(seq).await;
-            drop(pending);
+            if let (Err(_), Some(p)) = (&durable, pending) {
+                p.keep();
+            }
             s.watchers.notify(key);
             durable?;
             return Ok(Committed::Done);
@@ -674,6 +776,85 @@ mod tests {
         }
     }
 
+    /// Two `complete`s of one key that overlap (the key was purged or expired in between) each remove
+    /// only their own unflushed entry, and a kept entry (failed flush) stays for the replays.
+    #[test]
+    fn unflushed_entries_belong_to_their_writer() {
+        let map = UnflushedMap::default();
+        let key = [7u8; 64];
+        let a = Unflushed::new(&map, key, 1);
+        a.covered_by(10);
+        let b = Unflushed::new(&map, key, 2);
+        drop(a);
+        assert_eq!(lock(&map).get(&key), Some(&(2, 0)), "A removed B's entry");
+        b.covered_by(11);
+        b.keep();
+        assert_eq!(
+            lock(&map).get(&key),
+            Some(&(2, 0)),
+            "a failed flush must stay listed"
+        );
+        remove_if(&map, &key, |e| e == (2, 0));
+        assert!(lock(&map).is_empty());
+    }
+
+    /// Fencing tokens grow across a reopen (and across blocks of tokens).
+    #[tokio::test]
+    async fn tokens_grow_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(10_000_000));
+        let mut last = 0;
+        for round in 0..3u8 {
+            // sled's IO threads may hold the directory lock for a moment after the last handle is
+            // dropped (there is no event to wait for): retry the open, bounded.
+            let give_up = std::time::Instant::now() + Duration::from_secs(10);
+            let s = loop {
+                match open_default(dir.path(), SyncPolicy::Periodic, clock.clone()) {
+                    Ok(s) => break s,
+                    Err(e) if std::time::Instant::now() < give_up => {
+                        assert!(e.to_string().contains("lock"), "{e}");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            for i in 0..3u8 {
+                let key = StoreKey {
+                    id: [round * 3 + i; 32],
+                    scope: [0; 32],
+                };
+                let ClaimOutcome::Claimed { token } = s
+                    .claim(&key, Fingerprint([1; 32]), Duration::from_secs(5))
+                    .await
+                    .unwrap()
+                else {
+                    panic!("not claimed")
+                };
+                assert!(token > last, "token {token} after {last}");
+                last = token;
+            }
+            lock(&s.inner.tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
+            let ClaimOutcome::Claimed { token } = s
+                .claim(
+                    &StoreKey {
+                        id: [99 - round; 32],
+                        scope: [0; 32],
+                    },
+                    Fingerprint([1; 32]),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap()
+            else {
+                panic!("not claimed")
+            };
+            assert!(token > last, "token {token} of a new block after {last}");
+            last = token;
+            s.close();
+            drop(s);
+        }
+    }
+
     /// The walk resumes where the last sweep stopped and wraps around, so every record is reached
     /// even when one sweep cannot look at them all.
     #[tokio::test]
@@ -703,12 +884,9 @@ mod tests {
         }
         clock.advance(1_000);
         let first = s.sweep().await.unwrap();
-        assert_eq!(
-            (first.scanned, first.expired),
-            (SWEEP_BATCH as u64, SWEEP_BATCH as u64)
-        );
+        assert_eq!((first.scanned, first.expired), (SWEEP_BATCH, SWEEP_BATCH));
         let second = s.sweep().await.unwrap();
-        assert_eq!(second.expired, (n - SWEEP_BATCH) as u64);
+        assert_eq!(second.expired, n - SWEEP_BATCH);
         assert!(s.is_empty());
     }
 }

@@ -79,8 +79,9 @@ impl Watchers {
 }
 
 /// Claims whose owner is alive in this process: fencing token → what the backend keeps about the claim
-/// (at least the key it holds, so a backend can find the claim again when its owner is abandoned; the
-/// sled store also keeps the claim's stored bytes, so `complete` can swap them without reading first).
+/// (the memory store: the key it holds; the sled store: the key and the claim's stored bytes, so
+/// `complete` can swap them without reading first). A claim past its lease is taken over or swept
+/// only if its token is not here.
 #[derive(Debug)]
 pub(crate) struct LiveOwners<T = StoreKey>(Mutex<HashMap<u64, T>>);
 
