@@ -355,7 +355,7 @@ TABLE="$WORKDIR/million.txt"
   done
   echo
   ratio=$(awk -v a="${R[$N,p99us]:-0}" -v b="${R[$BASE_N,p99us]:-0}" 'BEGIN{ if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')
-  rss_max=$(printf '%s\n' "${R[$N,rss_pop]:-0}" "${R[$N,rss_rep]:-0}" "${R[$N,hwm_rep]:-0}" | sort -n | tail -1)
+  rss_max=$(printf '%s\n' "${R[$N,rss_pop]:-0}" "${R[$N,hwm_pop]:-0}" "${R[$N,rss_rep]:-0}" "${R[$N,hwm_rep]:-0}" | sort -n | tail -1)
   data_max=$(printf '%s\n' "${R[$N,data_pop]:-0}" "${R[$N,data_stop]:-0}" "${R[$N,data_end]:-0}" | sort -n | tail -1)
   ok() { awk "BEGIN{ exit !($1) }" && echo 1 || echo 0; }
   echo "targets at $N records:"
