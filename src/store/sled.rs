@@ -798,6 +798,19 @@ mod tests {
         assert!(lock(&map).is_empty());
     }
 
+    /// Claims a fresh key; its token.
+    async fn claimed(s: &SledStore, id: [u8; 32]) -> u64 {
+        let key = StoreKey { id, scope: [0; 32] };
+        match s
+            .claim(&key, Fingerprint([1; 32]), Duration::from_secs(5))
+            .await
+            .unwrap()
+        {
+            ClaimOutcome::Claimed { token } => token,
+            o => panic!("not claimed: {o:?}"),
+        }
+    }
+
     /// Fencing tokens grow across a reopen (and across blocks of tokens).
     #[tokio::test]
     async fn tokens_grow_across_reopen() {
@@ -819,35 +832,12 @@ mod tests {
                 }
             };
             for i in 0..3u8 {
-                let key = StoreKey {
-                    id: [round * 3 + i; 32],
-                    scope: [0; 32],
-                };
-                let ClaimOutcome::Claimed { token } = s
-                    .claim(&key, Fingerprint([1; 32]), Duration::from_secs(5))
-                    .await
-                    .unwrap()
-                else {
-                    panic!("not claimed")
-                };
+                let token = claimed(&s, [round * 3 + i; 32]).await;
                 assert!(token > last, "token {token} after {last}");
                 last = token;
             }
             lock(&s.inner.tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
-            let ClaimOutcome::Claimed { token } = s
-                .claim(
-                    &StoreKey {
-                        id: [99 - round; 32],
-                        scope: [0; 32],
-                    },
-                    Fingerprint([1; 32]),
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap()
-            else {
-                panic!("not claimed")
-            };
+            let token = claimed(&s, [99 - round; 32]).await;
             assert!(token > last, "token {token} of a new block after {last}");
             last = token;
             s.close();
