@@ -28,7 +28,8 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_STORE_PATH: &str = "data";
 /// sled page cache; sled's own default (1 GiB) is far too large for a sidecar. sled's accounting
 /// undercounts: RSS grows by about 2–3 MiB per MiB of cache, on top of ~60 bytes per stored record
-/// (its page table). 16 MiB keeps a proxy holding 1,000,000 records under 150 MB (see BENCHMARKS.md).
+/// (its page table). With 16 MiB a proxy holding 1,000,000 records uses 118–133 MB serving them and
+/// peaks at ~150 MB while writing them (see BENCHMARKS.md).
 pub const DEFAULT_CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 /// How often expired records are swept from disk.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
