@@ -2,9 +2,9 @@
 //!
 //! Trees: `records` (store key → encoded [`Record`]) and `meta` (schema version). Every state change is
 //! a `compare_and_swap` on `records`, retried from the current value when it loses a race, so two
-//! claimers can never both win. A first-seen key is claimed with one compare-and-swap (expecting no
-//! record), and its owner completes it with one more (expecting the claim bytes it wrote): two tree
-//! writes per request, no reads.
+//! claimers can never both win. A first-seen key is claimed with a read and one compare-and-swap, and
+//! its owner completes it with one more (expecting the claim bytes it wrote, no read): two tree writes
+//! and one read per request.
 //!
 //! Sweeping: there is no expiry index (it cost a third tree write per request, on the right-most leaf,
 //! whose keys grow with time). The sweeper walks `records` in key order from where the last sweep
@@ -436,9 +436,10 @@ impl Store for SledStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let s = &*self.inner;
         let kb = key.to_bytes();
-        // Optimistic: the first compare-and-swap expects no record, so a first-seen key costs one tree
-        // operation; a key that exists makes it fail with the current record, which is then examined.
-        let mut cur: Option<sled::IVec> = None;
+        // Read first: retries and duplicates (replays, 409s) are answered from the read alone, with no
+        // token, no live-owner entry and no failed write; a first-seen key then costs one
+        // compare-and-swap expecting what was read.
+        let mut cur = s.records.get(kb)?;
         loop {
             let now = s.clock.now_ms();
             if let Some(bytes) = &cur {
