@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
 /// One request as the chaos upstream read it.
@@ -62,35 +62,12 @@ impl std::fmt::Debug for ChaosUpstream {
 
 impl ChaosUpstream {
     pub fn start() -> ChaosUpstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind chaos upstream");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::default());
         let changed = Arc::new(watch::channel(0u64).0);
-        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let (st, ch) = (state.clone(), changed.clone());
-        std::thread::Builder::new()
-            .name(format!("chaos-upstream-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener).unwrap();
-                    loop {
-                        tokio::select! {
-                            _ = &mut stop_rx => break,
-                            accepted = listener.accept() => {
-                                let Ok((stream, _)) = accepted else { continue };
-                                tokio::spawn(serve(stream, st.clone(), ch.clone()));
-                            }
-                        }
-                    }
-                });
-                rt.shutdown_background();
-            })
-            .unwrap();
+        let (addr, stop_tx) = super::server::spawn("chaos-upstream", move |stream| {
+            serve(stream, st.clone(), ch.clone())
+        });
         ChaosUpstream {
             addr,
             state,

@@ -48,48 +48,25 @@ impl std::fmt::Debug for KeyedUpstream {
 impl KeyedUpstream {
     /// Bind 127.0.0.1:0 and serve on a dedicated thread.
     pub fn start() -> KeyedUpstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind keyed upstream");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             hits: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
             conns: watch::channel(0).0,
         });
-        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let st = state.clone();
-        std::thread::Builder::new()
-            .name(format!("keyed-upstream-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    loop {
-                        tokio::select! {
-                            _ = &mut stop_rx => break,
-                            accepted = listener.accept() => {
-                                let Ok((stream, _)) = accepted else { continue };
-                                let _ = stream.set_nodelay(true);
-                                let st = st.clone();
-                                st.conns.send_modify(|n| *n += 1);
-                                tokio::spawn(async move {
-                                    let st2 = st.clone();
-                                    let svc = service_fn(move |req| handle(st2.clone(), req));
-                                    let _ = hyper::server::conn::http1::Builder::new()
-                                        .serve_connection(TokioIo::new(stream), svc)
-                                        .await;
-                                    st.conns.send_modify(|n| *n -= 1);
-                                });
-                            }
-                        }
-                    }
-                });
-                rt.shutdown_background();
-            })
-            .unwrap();
+        let (addr, stop_tx) = super::server::spawn("keyed-upstream", move |stream| {
+            let _ = stream.set_nodelay(true);
+            let st = st.clone();
+            st.conns.send_modify(|n| *n += 1);
+            async move {
+                let st2 = st.clone();
+                let svc = service_fn(move |req| handle(st2.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+                st.conns.send_modify(|n| *n -= 1);
+            }
+        });
         KeyedUpstream {
             addr,
             state,

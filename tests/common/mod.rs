@@ -15,6 +15,7 @@
 //! - [`metrics`]: reading `/metrics` (Prometheus text) from the admin listener.
 //! - [`procstat`]: RSS, open fds and directory sizes from `/proc`.
 //! - [`rng`]: a seeded PRNG whose seed is printed, for reproducible chaos.
+//! - [`server`]: the bind/thread/accept-loop skeleton the test upstreams share.
 //! - `failing_store.rs` (included by path, not declared here): a `Store` wrapper that fails on demand.
 //!
 //! Every wait in here is bounded; nothing sleeps where an event can be awaited.
@@ -29,6 +30,7 @@ pub mod procstat;
 pub mod proxy;
 pub mod redis;
 pub mod rng;
+pub mod server;
 pub mod tls;
 pub mod upstream;
 pub mod wait;

@@ -93,9 +93,6 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// Bind 127.0.0.1:0 and serve on a dedicated thread.
     pub fn start() -> Upstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let (changed, _) = watch::channel(0);
         let state = Arc::new(State {
             counter: Mutex::new(0),
@@ -103,36 +100,16 @@ impl Upstream {
             gates: Mutex::new(HashMap::new()),
             changed,
         });
-        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let st = state.clone();
-        std::thread::Builder::new()
-            .name(format!("upstream-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    loop {
-                        tokio::select! {
-                            _ = &mut stop_rx => break,
-                            accepted = listener.accept() => {
-                                let Ok((stream, _)) = accepted else { continue };
-                                let st = st.clone();
-                                tokio::spawn(async move {
-                                    let svc = service_fn(move |req| handle(st.clone(), req));
-                                    let _ = hyper::server::conn::http1::Builder::new()
-                                        .serve_connection(TokioIo::new(stream), svc)
-                                        .await;
-                                });
-                            }
-                        }
-                    }
-                });
-                rt.shutdown_background();
-            })
-            .unwrap();
+        let (addr, stop_tx) = super::server::spawn("upstream", move |stream| {
+            let st = st.clone();
+            async move {
+                let svc = service_fn(move |req| handle(st.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        });
         Upstream {
             addr,
             state,
