@@ -82,7 +82,10 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
                 path: redacted_url(url),
                 source,
             })?;
-            Ok((Arc::new(Instrumented(Arc::new(s))), None))
+            Ok((
+                Arc::new(Instrumented::new(Arc::new(s), config.store.timeout)),
+                None,
+            ))
         }
         Backend::Sled => {
             let opts = SledOptions {
@@ -97,7 +100,10 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
                     source,
                 }
             })?;
-            Ok((Arc::new(Instrumented(Arc::new(s.clone()))), Some(s)))
+            Ok((
+                Arc::new(Instrumented::new(Arc::new(s.clone()), config.store.timeout)),
+                Some(s),
+            ))
         }
     }
 }
@@ -166,6 +172,9 @@ pub async fn run(
         routes = config.routes.len(),
         "idemproxy starting"
     );
+    for w in config.warnings() {
+        tracing::warn!("config: {w}");
+    }
     tracing::info!("admin listener on {admin_addr}");
     if let Some(t) = &tls {
         tracing::info!(
@@ -246,7 +255,12 @@ async fn sweep_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         metrics::upkeep();
-        match store.sweep().await {
+        // A stuck store must not hold up shutdown: the sweep is abandoned when the stop comes.
+        let swept = tokio::select! {
+            r = store.sweep() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match swept {
             Ok(s) if s.expired > 0 => {
                 tracing::debug!(expired = s.expired, scanned = s.scanned, "swept")
             }
@@ -292,6 +306,9 @@ async fn reload_loop(
                     settings.store(Arc::new(AdminSettings::from_config(&new)));
                     for field in &restart {
                         tracing::warn!("reload: {field} changed; it takes effect after a restart");
+                    }
+                    for w in new.warnings() {
+                        tracing::warn!("config: {w}");
                     }
                     tracing::info!(routes = new.routes.len(), "config reloaded");
                     current = new;
@@ -339,6 +356,15 @@ pub fn reload(
     }
     if new.server.shutdown_grace != current.server.shutdown_grace {
         restart.push("server.shutdown_grace");
+    }
+    if new.server.idle_timeout != current.server.idle_timeout {
+        restart.push("server.idle_timeout");
+    }
+    if new.server.max_connections != current.server.max_connections {
+        restart.push("server.max_connections");
+    }
+    if new.upstream.max_concurrency != current.upstream.max_concurrency {
+        restart.push("upstream.max_concurrency");
     }
     if new.admin.listen != current.admin.listen {
         restart.push("admin.listen");

@@ -29,12 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy.
     Run(RunArgs),
-    /// Validate a config file: exit 0, or exit 2 printing every problem with its TOML path.
-    Check {
-        /// The config file.
-        #[arg(long, short, env = "IDEMPROXY_CONFIG")]
-        config: PathBuf,
-    },
+    /// Validate a config file with the same flags and IDEMPROXY_* overrides `run` applies: exit 0
+    /// (printing warnings, if any), or exit 2 printing every problem with its TOML path.
+    Check(RunArgs),
     /// Start a small counting upstream and the proxy in front of it, and print curl commands to try.
     Demo {
         /// Proxy listen address.

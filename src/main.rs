@@ -13,26 +13,18 @@ use clap::Parser;
 use idemproxy::{
     app::{self, ConfigSource},
     cli::{Cli, Command, RunArgs},
-    config::{Config, Overrides},
+    config::Config,
     demo, health,
     server::{shutdown::signal_then_force, Drain},
     telemetry,
 };
 
 fn main() -> ExitCode {
+    // Files the proxy creates (its store) are readable by its user only (contract rule 17).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { config }) => match Config::load(Some(&config), &Overrides::default())
-        {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
+        Some(Command::Check(args)) => check(&args),
         Some(Command::Demo { listen, log_format }) => {
             telemetry::init(log_format);
             block_on(async move { Ok(demo::run(&listen, signal_then_force()).await?) })
@@ -40,6 +32,27 @@ fn main() -> ExitCode {
         Some(Command::Health(args)) => health::main(&args),
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
+    }
+}
+
+/// `idemproxy check`: the config `run` would use (same file, flags and environment), validated.
+fn check(args: &RunArgs) -> ExitCode {
+    let name = args.config.as_ref().map_or_else(
+        || "built-in defaults".to_owned(),
+        |p| p.display().to_string(),
+    );
+    match Config::load(args.config.as_deref(), &args.overrides()) {
+        Ok(config) => {
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
+            println!("{name}: ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
     }
 }
 

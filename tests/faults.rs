@@ -503,17 +503,18 @@ async fn freed_within_lease(addr: std::net::SocketAddr, key: &str, since: Instan
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn complete_failure_still_answers_and_the_claim_ends_with_its_lease() {
+async fn complete_failure_is_not_acknowledged_and_the_claim_ends_with_its_lease() {
     for mode in ["reject", "pass"] {
         let rig = store_rig(mode).await;
         let addr = rig.proxy.addr;
         let key = format!("cf-{mode}");
         rig.store.fail(Op::Complete, 1);
         let t0 = Instant::now();
-        // The upstream answered: the client gets that answer even though it could not be recorded.
-        post_key(addr, "/echo", &key, "pay")
-            .await
-            .assert_forwarded(201, b"pay");
+        // The upstream answered, but the answer could not be made durable: it is not passed on
+        // (rule 14: a result is acknowledged only once it is durable).
+        let r = post_key(addr, "/echo", &key, "pay").await;
+        r.assert_problem(503, "store-unavailable");
+        assert_eq!(rig.up.hits_key(&key), 1, "{mode}");
         assert_eq!(rig.store.injected(Op::Complete), 1);
         // Unknown outcome on record: the key stays claimed (not forwarded again) ...
         let r = post_key(addr, "/echo", &key, "pay").await;
@@ -536,9 +537,11 @@ async fn complete_failing_after_its_write_replays_the_written_result() {
     let addr = rig.proxy.addr;
     rig.store.complete_fails_after_write(true);
     rig.store.fail(Op::Complete, 1);
+    // The store said it failed: the first client is not told of a result it cannot vouch for ...
     post_key(addr, "/echo", "cfa-1", "pay")
         .await
-        .assert_forwarded(201, b"pay");
+        .assert_problem(503, "store-unavailable");
+    // ... and the write that did happen is replayed, never re-executed.
     post_key(addr, "/echo", "cfa-1", "pay")
         .await
         .assert_replay(201, b"pay");

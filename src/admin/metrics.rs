@@ -3,7 +3,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `idemproxy_requests_total` | counter | `route`, `outcome` (forwarded, replayed, conflict, mismatch, rejected, passthrough, released) |
+//! | `idemproxy_requests_total` | counter | `route`, `outcome` (forwarded, replayed, conflict, mismatch, rejected, passthrough, released, request_timeout, upstream_timeout, store_unavailable) |
 //! | `idemproxy_upstream_duration_seconds` | histogram | `route` |
 //! | `idemproxy_store_duration_seconds` | histogram | `op` (claim, complete, release, lookup, list, purge, sweep, flush, ping) |
 //! | `idemproxy_store_errors_total` | counter | `op` |
@@ -38,6 +38,12 @@ pub enum Outcome {
     Passthrough,
     /// Claimed and forwarded, then released (release status, or upstream failure).
     Released,
+    /// 408: the client's body did not arrive within `request_timeout` (nothing forwarded).
+    RequestTimeout,
+    /// 504: the upstream did not answer in time.
+    UpstreamTimeout,
+    /// 503: the store failed or did not answer within `[store] timeout`.
+    StoreUnavailable,
 }
 
 impl Outcome {
@@ -51,6 +57,9 @@ impl Outcome {
             Self::Rejected => "rejected",
             Self::Passthrough => "passthrough",
             Self::Released => "released",
+            Self::RequestTimeout => "request_timeout",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::StoreUnavailable => "store_unavailable",
         }
     }
 }
@@ -144,7 +153,7 @@ pub fn upkeep() {
 }
 
 /// Every outcome, in the order of [`RouteCounters`].
-const OUTCOMES: [Outcome; 7] = [
+const OUTCOMES: [Outcome; 10] = [
     Outcome::Forwarded,
     Outcome::Replayed,
     Outcome::Conflict,
@@ -152,13 +161,16 @@ const OUTCOMES: [Outcome; 7] = [
     Outcome::Rejected,
     Outcome::Passthrough,
     Outcome::Released,
+    Outcome::RequestTimeout,
+    Outcome::UpstreamTimeout,
+    Outcome::StoreUnavailable,
 ];
 
 /// `idemproxy_requests_total` handles of one route, registered once when the routes are built, so
 /// counting a request is one atomic add (no label allocation or registry lookup per request).
 #[derive(Clone)]
 pub struct RouteCounters {
-    requests: [metrics::Counter; 7],
+    requests: [metrics::Counter; 10],
     upstream: metrics::Histogram,
 }
 

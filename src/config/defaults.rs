@@ -18,6 +18,16 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a graceful shutdown waits for requests in flight before giving up.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// A connection with no request in flight for this long is closed (HTTP/1 keep-alive and HTTP/2).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections accepted at once; beyond it new ones wait in the listen backlog.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// Upstream exchanges at once (detached ones included); beyond it: 503 `upstream-busy`.
+pub const DEFAULT_MAX_CONCURRENCY: u64 = 1024;
+/// Total size of live records; beyond it a new key gets 503 `store-full`.
+pub const DEFAULT_MAX_SIZE: u64 = 1 << 30;
+/// A store call slower than this is a store error (503 `store-unavailable`).
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on a client's TLS handshake (`[server.tls] handshake_timeout`).
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect timeout to the upstream (TCP, plus the TLS handshake for an https upstream).
@@ -51,8 +61,9 @@ pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SCOPE_HEADERS: [&str; 1] = ["Authorization"];
 /// Headers that are part of the request fingerprint.
 pub const DEFAULT_FINGERPRINT_HEADERS: [&str; 1] = ["Content-Type"];
-/// Upstream statuses that are not recorded: the key is freed for a retry.
-pub const DEFAULT_RELEASE_STATUSES: [u16; 5] = [408, 429, 502, 503, 504];
+/// Upstream statuses that are not recorded: the key is freed for a retry. 401/403: the request never
+/// ran, and a forged request must not burn a genuine id.
+pub const DEFAULT_RELEASE_STATUSES: [u16; 7] = [401, 403, 408, 429, 502, 503, 504];
 /// Status sent to duplicates when `store_response = false`.
 pub const DEFAULT_DUPLICATE_STATUS: u16 = 200;
 /// Name of the rule set used by requests that match no `[[routes]]` entry.

@@ -4,6 +4,7 @@
 //! collecting *all* problems with their TOML paths → typed [`Config`]. Nothing downstream parses strings:
 //! addresses, durations, sizes, header names and globs are checked here once.
 
+pub mod bounds;
 pub mod defaults;
 mod file;
 mod validate;
@@ -26,6 +27,19 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// `url` with any `user:password@` replaced by `***@`, for logs and error messages (rule 17).
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -83,6 +97,12 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Peers whose forwarding headers are believed (rule 16).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN); `None`: plain HTTP.
     pub tls: Option<TlsConfig>,
 }
@@ -118,6 +138,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Bound on one upstream exchange.
     pub timeout: Duration,
+    /// Upstream exchanges at once, detached ones included.
+    pub max_concurrency: usize,
     /// CA bundle for an HTTPS upstream: when set, only these CAs are trusted (else the bundled web roots).
     pub ca_file: Option<PathBuf>,
     /// Client certificate presented to an HTTPS upstream (`client_cert` + `client_key`).
@@ -137,10 +159,16 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// How often expired records are swept.
     pub sweep_interval: Duration,
+    /// Total size of live records before new keys are refused (`store-full`).
+    pub max_size: u64,
+    /// A store call slower than this is a store error.
+    pub timeout: Duration,
     /// Redis URL (`redis://` or `rediss://`).
     pub redis_url: Option<String>,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// Settings of the other backend that were given and are ignored (see [`Config::warnings`]).
+    pub warnings: Vec<ConfigError>,
 }
 
 /// `[store] backend`.
@@ -204,6 +232,8 @@ pub struct Rule {
     pub wait_timeout: Duration,
     /// Headers whose values scope the key.
     pub scope_headers: Vec<HeaderName>,
+    /// Cookies whose values scope the key.
+    pub scope_cookies: Vec<String>,
     /// Headers that are part of the fingerprint.
     pub fingerprint_headers: Vec<HeaderName>,
     /// How the body enters the fingerprint.
@@ -288,6 +318,34 @@ impl Config {
             }])
         })?;
         validate::build(table, overrides)
+    }
+
+    /// Settings that are valid but probably not what the operator meant, each with its TOML path.
+    /// `check` prints them (and still exits 0); `run` logs them at startup and on reload.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut out = self.store.warnings.clone();
+        let rules = std::iter::once(("defaults".to_owned(), &self.defaults)).chain(
+            self.routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("routes[{i}]"), &r.rule)),
+        );
+        for (path, rule) in rules {
+            if rule.enabled
+                && rule.store_response
+                && rule.scope_headers.is_empty()
+                && rule.scope_cookies.is_empty()
+            {
+                out.push(ConfigError {
+                    path: format!("{path}.scope_headers"),
+                    reason:
+                        "responses are recorded with no scope (scope_headers and scope_cookies \
+                             are empty): any client that sends a known key gets its recorded answer"
+                            .into(),
+                });
+            }
+        }
+        out
     }
 
     /// The rules that apply to a route name (`default` for `[defaults]`).

@@ -9,6 +9,7 @@
 
 mod fingerprint;
 mod json;
+pub mod path;
 
 use std::fmt;
 
@@ -161,9 +162,21 @@ impl StoreKey {
         scope_headers: &[HeaderName],
         headers: &HeaderMap,
     ) -> Self {
+        Self::derive_scoped(route, key, scope_headers, &[], headers)
+    }
+
+    /// [`derive`](Self::derive), scoped by cookie values too (`scope_cookies`: for clients that
+    /// authenticate with a session cookie rather than an `Authorization` header).
+    pub fn derive_scoped(
+        route: &str,
+        key: &IdempotencyKey,
+        scope_headers: &[HeaderName],
+        scope_cookies: &[String],
+        headers: &HeaderMap,
+    ) -> Self {
         Self {
             id: Self::id_of(route, key.as_str()),
-            scope: scope_digest(scope_headers, headers),
+            scope: scope_digest(scope_headers, scope_cookies, headers),
         }
     }
 
@@ -215,7 +228,7 @@ impl fmt::Debug for StoreKey {
     }
 }
 
-fn scope_digest(names: &[HeaderName], headers: &HeaderMap) -> [u8; 32] {
+fn scope_digest(names: &[HeaderName], cookies: &[String], headers: &HeaderMap) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"idemproxy/scope/v1\0");
     for name in names {
@@ -226,7 +239,32 @@ fn scope_digest(names: &[HeaderName], headers: &HeaderMap) -> [u8; 32] {
             put(&mut h, v.as_bytes());
         }
     }
+    // Without scope cookies the digest is what it always was (records made before stay found).
+    if !cookies.is_empty() {
+        h.update(b"\0cookies\0");
+        for name in cookies {
+            put(&mut h, name.as_bytes());
+            let values: Vec<&[u8]> = cookie_values(headers, name).collect();
+            h.update((values.len() as u64).to_be_bytes());
+            for v in values {
+                put(&mut h, v);
+            }
+        }
+    }
     h.finalize().into()
+}
+
+/// The values of cookie `name` in every `Cookie` header, in order (RFC 6265 §5.4: `a=1; b=2`).
+fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .filter_map(move |pair| {
+            let pair = trim_ows(pair);
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            (trim_ows(&pair[..eq]) == name.as_bytes()).then(|| trim_ows(&pair[eq + 1..]))
+        })
 }
 
 /// Feeds a length-prefixed field, so that field boundaries are unambiguous.
@@ -239,6 +277,33 @@ pub(crate) fn put(h: &mut Sha256, bytes: &[u8]) {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn scope_cookies_separate_sessions() {
+        let key = IdempotencyKey::new("k").unwrap();
+        let cookies = vec!["session".to_owned()];
+        let with = |cookie: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::COOKIE, HeaderValue::from_str(cookie).unwrap());
+            StoreKey::derive_scoped("r", &key, &[], &cookies, &h)
+        };
+        assert_ne!(with("session=alice"), with("session=bob"));
+        assert_eq!(
+            with("theme=dark; session=alice"),
+            with("session=alice;theme=light")
+        );
+        assert_ne!(with("session=alice"), with("other=alice"));
+        // No scope cookies: the digest of earlier versions.
+        let h = HeaderMap::new();
+        assert_eq!(
+            StoreKey::derive_scoped("r", &key, &[], &[], &h),
+            StoreKey::derive("r", &key, &[], &h)
+        );
+        assert_ne!(
+            StoreKey::derive_scoped("r", &key, &[], &cookies, &h),
+            StoreKey::derive("r", &key, &[], &h)
+        );
+    }
 
     #[test]
     fn bare_and_quoted_keys_are_the_same() {

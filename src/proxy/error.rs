@@ -8,7 +8,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::{full, Body};
 use crate::{
-    key::{JsonKeyError, KeyError},
+    key::{path::PathError, JsonKeyError, KeyError},
     store::StoreError,
 };
 
@@ -45,6 +45,15 @@ pub enum ProxyError {
     /// The request body could not be read.
     #[error("the request body could not be read")]
     BadRequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// `[store] max_size` is reached: new keys are refused until the sweeper frees room.
+    #[error("the idempotency store is full; new keys are refused until expired records are swept")]
+    StoreFull,
+    /// `[upstream] max_concurrency` exchanges are running: nothing was sent and the key is free.
+    #[error("the upstream has too many requests in flight; nothing was sent")]
+    UpstreamBusy,
+    /// The client did not send its request body within `request_timeout`: nothing was forwarded.
+    #[error("the request body did not arrive within {0:?}; nothing was forwarded")]
+    RequestTimeout(Duration),
     /// The store failed and `on_store_error = "reject"`.
     #[error("the idempotency store is unavailable")]
     StoreUnavailable(#[source] StoreError),
@@ -63,6 +72,9 @@ pub enum ProxyError {
         /// The request's method.
         method: http::Method,
     },
+    /// The request path cannot be normalized (a malformed escape, an encoded NUL).
+    #[error(transparent)]
+    InvalidPath(#[from] PathError),
     /// A bug: a task that should have answered did not.
     #[error("internal error")]
     Internal,
@@ -76,11 +88,15 @@ impl ProxyError {
             | Self::InvalidKey(_)
             | Self::InvalidJsonKey(_)
             | Self::BadRequestBody(_)
-            | Self::UpgradeNotAllowed { .. } => StatusCode::BAD_REQUEST,
+            | Self::UpgradeNotAllowed { .. }
+            | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable(_) | Self::StoreFull | Self::UpstreamBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,10 +114,14 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadRequestBody(_) => "invalid-body",
             Self::StoreUnavailable(_) => "store-unavailable",
+            Self::StoreFull => "store-full",
+            Self::UpstreamBusy => "upstream-busy",
+            Self::RequestTimeout(_) => "request-timeout",
             Self::UpstreamUnreachable(_) => "upstream-unreachable",
             Self::UpstreamTimeout => "upstream-timeout",
             Self::UpstreamFailed(_) => "upstream-failed",
             Self::UpgradeNotAllowed { .. } => "upgrade-not-allowed",
+            Self::InvalidPath(_) => "invalid-path",
             Self::Internal => "internal",
         }
     }
@@ -116,10 +136,14 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadRequestBody(_) => "Unreadable request body",
             Self::StoreUnavailable(_) => "Idempotency store unavailable",
+            Self::StoreFull => "Idempotency store full",
+            Self::UpstreamBusy => "Upstream busy",
+            Self::RequestTimeout(_) => "Request timeout",
             Self::UpstreamUnreachable(_) => "Upstream unreachable",
             Self::UpstreamTimeout => "Upstream timeout",
             Self::UpstreamFailed(_) => "Upstream failed",
             Self::UpgradeNotAllowed { .. } => "Protocol upgrade not allowed",
+            Self::InvalidPath(_) => "Invalid request path",
             Self::Internal => "Internal error",
         }
     }
@@ -128,7 +152,8 @@ impl ProxyError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::InFlight { retry_after } => Some(*retry_after),
-            Self::StoreUnavailable(_) => Some(Duration::from_secs(1)),
+            Self::StoreUnavailable(_) | Self::UpstreamBusy => Some(Duration::from_secs(1)),
+            Self::StoreFull => Some(Duration::from_secs(5)),
             _ => None,
         }
     }
@@ -226,6 +251,18 @@ mod tests {
                 },
                 400,
                 "upgrade-not-allowed",
+            ),
+            (
+                ProxyError::InvalidPath(PathError::BadEscape),
+                400,
+                "invalid-path",
+            ),
+            (ProxyError::StoreFull, 503, "store-full"),
+            (ProxyError::UpstreamBusy, 503, "upstream-busy"),
+            (
+                ProxyError::RequestTimeout(Duration::from_secs(1)),
+                408,
+                "request-timeout",
             ),
             (ProxyError::Internal, 500, "internal"),
         ];

@@ -12,7 +12,7 @@
 //!
 //! Every successful response is tagged with its metrics [`Outcome`]; `Proxy::handle` counts it.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{header, request::Parts, uri::Scheme, HeaderName, HeaderValue, Request, Response};
@@ -23,10 +23,11 @@ use super::{
     body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed},
     error::ProxyError,
     headers::{add_forwarded, recordable, strip_hop_by_hop},
+    progress::{Phase, Progress},
     replay::replay,
     rules::RouteRules,
     tagged, upgrade,
-    upstream::{Upstream, UpstreamError},
+    upstream::UpstreamError,
     Live, Proxy,
 };
 use crate::{
@@ -57,6 +58,8 @@ struct Claim {
     key: StoreKey,
     token: u64,
     redacted: String,
+    /// Where the request stands (its client's timeout reads it).
+    progress: Progress,
 }
 
 /// Abandons a claim whose task ended without completing or releasing it (a panic): the lease then
@@ -82,11 +85,13 @@ impl Proxy {
         live: &Arc<Live>,
         route: &RouteRules,
         req: Request<Incoming>,
+        normal_path: &str,
         peer: SocketAddr,
+        progress: &Progress,
     ) -> Result<Response<Body>, ProxyError> {
         let rule = &route.rule;
         if !rule.enabled || !rule.methods.contains(req.method()) {
-            return live.pass_through(req, peer).await;
+            return live.pass_through(req, peer, progress).await;
         }
         if upgrade::requested(req.headers()).is_some() {
             // A tunnel's effects cannot be recorded or replayed: refused before anything is forwarded.
@@ -101,12 +106,17 @@ impl Proxy {
             Err(BufferError::TooLarge) => return Err(ProxyError::BodyTooLarge { limit }),
             Err(BufferError::Read(e)) => return Err(ProxyError::BadRequestBody(e)),
         };
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        progress.set(Phase::Store);
+        // The fingerprint sees the normalized path, and the query as sent.
+        let pq = match parts.uri.query() {
+            None => Cow::Borrowed(normal_path),
+            Some(q) => Cow::Owned(format!("{normal_path}?{q}")),
+        };
         let fp_of = |mode| {
             fingerprint(
                 mode,
                 &parts.method,
-                pq,
+                &pq,
                 &rule.fingerprint_headers,
                 &parts.headers,
                 &body,
@@ -136,15 +146,17 @@ impl Proxy {
                 return Err(ProxyError::MissingKey);
             }
             // Optional key absent: forwarded as is, every time (nothing to fingerprint).
+            progress.set(Phase::Upstream);
             return live.forward_unprotected(parts, body, peer, false).await;
         };
         // Hashed only once a key is known (the body may be up to `max_request_body`).
         let fp = key_fp.unwrap_or_else(|| fp_of(rule.fingerprint));
         let pending = Pending {
-            key: StoreKey::derive(
+            key: StoreKey::derive_scoped(
                 &route.name,
                 &client_key,
                 &rule.scope_headers,
+                &rule.scope_cookies,
                 &parts.headers,
             ),
             redacted: client_key.redacted().to_owned(),
@@ -153,7 +165,7 @@ impl Proxy {
             body,
             peer,
         };
-        self.claim_and_forward(live, route, pending).await
+        self.claim_and_forward(live, route, pending, progress).await
     }
 
     /// Phase 3: claim the key, and act on what the store says. In wait mode, loops until the first
@@ -163,6 +175,7 @@ impl Proxy {
         live: &Arc<Live>,
         route: &RouteRules,
         req: Pending,
+        progress: &Progress,
     ) -> Result<Response<Body>, ProxyError> {
         let rule = &route.rule;
         let give_up = tokio::time::Instant::now() + rule.wait_timeout;
@@ -173,10 +186,12 @@ impl Proxy {
                 (rule.on_in_flight == InFlightMode::Wait).then(|| self.store.watch(&req.key));
             let outcome = match self.store.claim(&req.key, req.fp, rule.lease).await {
                 Ok(o) => o,
+                Err(StoreError::Full { .. }) => return Err(ProxyError::StoreFull),
                 Err(e) => {
+                    progress.set(Phase::Upstream);
                     return live
                         .store_failed(e, rule, req.parts, req.body, req.peer)
-                        .await
+                        .await;
                 }
             };
             match outcome {
@@ -188,9 +203,11 @@ impl Proxy {
                         key: req.key,
                         token,
                         redacted: req.redacted,
+                        progress: progress.clone(),
                     };
+                    progress.set(Phase::Upstream);
                     return self
-                        .forward_claimed(live, claim, rule.clone(), req.parts, req.body, req.peer)
+                        .forward_claimed(live, claim, rule.clone(), (req.parts, req.body, req.peer))
                         .await;
                 }
                 ClaimOutcome::Completed(rec) => {
@@ -218,12 +235,14 @@ impl Proxy {
                         return Err(ProxyError::InFlight { retry_after });
                     }
                     waiting.get_or_insert_with(InflightGuard::waiting);
+                    progress.set(Phase::Waiting);
                     // Woken in-process when the key changes; the timer only covers an owner that died
                     // (its lease must run out) and the wait bound. No store resource is held meanwhile.
                     tokio::select! {
                         () = w.changed() => {}
                         () = tokio::time::sleep(retry_after.min(give_up - now)) => {}
                     }
+                    progress.set(Phase::Store);
                 }
             }
         }
@@ -235,9 +254,7 @@ impl Proxy {
         live: &Arc<Live>,
         claim: Claim,
         rule: Rule,
-        parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
+        (parts, body, peer): (Parts, Bytes, SocketAddr),
     ) -> Result<Response<Body>, ProxyError> {
         let (tx, rx) = oneshot::channel();
         let this = Arc::clone(self);
@@ -266,7 +283,8 @@ impl Proxy {
         body: Bytes,
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
-        if let Err(e) = upstream_request(&live.upstream, &mut parts, peer) {
+        let progress = &claim.progress;
+        if let Err(e) = upstream_request(live, &mut parts, peer) {
             self.release(claim).await;
             return Err(e);
         }
@@ -285,7 +303,10 @@ impl Proxy {
                 tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream unreachable; key released");
                 return Ok(tagged(e.response(), Outcome::Released));
             }
-            Err(e) => return Ok(self.settle_error(claim, rule, into_proxy_error(e)).await),
+            Err(e) => {
+                progress.set(Phase::Store);
+                return self.settle_error(claim, rule, into_proxy_error(e)).await;
+            }
         };
         let (mut head, upstream_body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
@@ -306,16 +327,17 @@ impl Proxy {
         claim
             .upstream_duration
             .record(started.elapsed().as_secs_f64());
+        progress.set(Phase::Store);
         let captured = match captured {
             Err(_) => {
-                return Ok(self
+                return self
                     .settle_error(claim, rule, ProxyError::UpstreamTimeout)
-                    .await)
+                    .await
             }
             Ok(Err(e)) => {
-                return Ok(self
+                return self
                     .settle_error(claim, rule, ProxyError::UpstreamFailed(Box::new(e)))
-                    .await)
+                    .await
             }
             Ok(Ok(c)) => c,
         };
@@ -341,7 +363,7 @@ impl Proxy {
             }
         };
         // Durable before the client sees a byte: a crash after this point replays, never re-executes.
-        self.record(claim, rule, result).await;
+        self.record(claim, rule, result).await?;
         let body = match captured {
             Captured::Full(b) => {
                 head.headers
@@ -355,11 +377,20 @@ impl Proxy {
 
     /// A failure after the request may have reached the upstream: release if its status is listed in
     /// `release_statuses` (the default for 502/504), otherwise record the error as the result.
-    async fn settle_error(&self, claim: &Claim, rule: &Rule, e: ProxyError) -> Response<Body> {
+    async fn settle_error(
+        &self,
+        claim: &Claim,
+        rule: &Rule,
+        e: ProxyError,
+    ) -> Result<Response<Body>, ProxyError> {
+        let outcome = match e {
+            ProxyError::UpstreamTimeout => Outcome::UpstreamTimeout,
+            _ => Outcome::Released,
+        };
         if rule.release_statuses.contains(&e.status()) {
             self.release(claim).await;
             tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; key released");
-            return tagged(e.response(), Outcome::Released);
+            return Ok(tagged(e.response(), outcome));
         }
         let resp = e.response();
         let result = NewResult {
@@ -370,29 +401,48 @@ impl Proxy {
             seen_only: !rule.store_response,
         };
         tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; recorded as the result");
-        self.record(claim, rule, result).await;
-        tagged(resp, Outcome::Forwarded)
+        self.record(claim, rule, result).await?;
+        Ok(tagged(
+            resp,
+            match outcome {
+                Outcome::UpstreamTimeout => outcome,
+                _ => Outcome::Forwarded,
+            },
+        ))
     }
 
-    async fn record(&self, claim: &Claim, rule: &Rule, result: NewResult) {
+    /// Records the result of a claim. A result the store cannot make durable is not acknowledged:
+    /// the client gets 503 `store-unavailable` instead of the upstream's answer (contract rule 14).
+    async fn record(
+        &self,
+        claim: &Claim,
+        rule: &Rule,
+        result: NewResult,
+    ) -> Result<(), ProxyError> {
         match self
             .store
             .complete(&claim.key, claim.token, result, rule.ttl)
             .await
         {
             Ok(Committed::Done) => {
-                tracing::debug!(route = %claim.route, key = %claim.redacted, "recorded")
+                tracing::debug!(route = %claim.route, key = %claim.redacted, "recorded");
+                Ok(())
             }
-            Ok(Committed::Stale) => tracing::warn!(
-                route = %claim.route, key = %claim.redacted,
-                "claim was taken over or purged while in flight; result not recorded"
-            ),
-            // The upstream already answered: the client still gets the answer. The claim is left to its
-            // lease (a retry within it gets 409, after it the request may run again): the store could not
-            // say what it holds, and releasing at once would invite an immediate duplicate.
+            Ok(Committed::Stale) => {
+                tracing::warn!(
+                    route = %claim.route, key = %claim.redacted,
+                    "claim was taken over or purged while in flight; result not recorded"
+                );
+                Ok(())
+            }
+            // The upstream already answered, but its answer is not durable, so it is not passed on (a
+            // crash could take it back, and the retry would run again unannounced). The claim is left
+            // to its lease (a retry within it gets 409, after it the request may run again): the store
+            // could not say what it holds, and releasing at once would invite an immediate duplicate.
             Err(e) => {
-                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result; the key frees when its lease ends");
+                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result; answering 503, the key frees when its lease ends");
                 self.store.abandon(claim.token);
+                Err(ProxyError::StoreUnavailable(e))
             }
         }
     }
@@ -432,7 +482,7 @@ impl Live {
         peer: SocketAddr,
         degraded: bool,
     ) -> Result<Response<Body>, ProxyError> {
-        upstream_request(&self.upstream, &mut parts, peer)?;
+        upstream_request(self, &mut parts, peer)?;
         let resp = self
             .upstream
             .send(
@@ -454,31 +504,40 @@ impl Live {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        progress: &Progress,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(protocol) = upgrade::requested(req.headers()) {
+            progress.set(Phase::Upstream);
             return self.tunnel(req, peer, protocol).await;
         }
         let (mut parts, body) = req.into_parts();
-        upstream_request(&self.upstream, &mut parts, peer)?;
+        upstream_request(self, &mut parts, peer)?;
         let resp = self
             .upstream
             .send(
-                Request::from_parts(parts, stream(body)),
+                Request::from_parts(parts, progress.stream_request(body)),
                 self.upstream.timeout,
             )
-            .await
-            .map_err(into_proxy_error)?;
-        Ok(upstream_response(resp))
+            .await;
+        match resp {
+            Ok(resp) => Ok(upstream_response(resp)),
+            // The upstream waited for a body the client never finished sending: the client's doing.
+            Err(UpstreamError::Timeout) if progress.get() == Phase::Body => {
+                Err(ProxyError::RequestTimeout(self.upstream.timeout))
+            }
+            Err(e) => Err(into_proxy_error(e)),
+        }
     }
 }
 
 /// Rewrites a client request's head for the upstream: hop-by-hop headers out, `X-Forwarded-*` in,
 /// `Host` and the URI pointed at the upstream (a client cannot redirect the proxy), HTTP/1.1.
 pub(super) fn upstream_request(
-    up: &Upstream,
+    live: &Live,
     parts: &mut Parts,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
+    let up = &live.upstream;
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -492,7 +551,9 @@ pub(super) fn upstream_request(
     } else {
         "http"
     };
-    add_forwarded(&mut parts.headers, peer.ip(), proto, host);
+    let ip = peer.ip().to_canonical();
+    let trusted = live.trusted_proxies.iter().any(|n| n.contains(&ip));
+    add_forwarded(&mut parts.headers, peer.ip(), trusted, proto, host);
     parts.headers.insert(header::HOST, up.host());
     parts.uri = up
         .uri_for(parts.uri.path_and_query())

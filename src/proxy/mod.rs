@@ -10,6 +10,7 @@ pub mod body;
 pub mod error;
 mod flow;
 pub mod headers;
+mod progress;
 pub mod replay;
 pub mod rules;
 mod upgrade;
@@ -24,6 +25,8 @@ use tokio_util::task::TaskTracker;
 
 pub use body::Body;
 pub use error::ProxyError;
+
+use progress::Progress;
 
 use crate::{
     admin::metrics::{InflightGuard, Outcome},
@@ -48,6 +51,8 @@ pub struct Live {
     rules: rules::Rules,
     upstream: upstream::Upstream,
     limits: Limits,
+    /// Peers whose forwarding headers are believed (rule 16).
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Live {
@@ -60,6 +65,7 @@ impl Live {
                 max_response_body: cfg.server.max_response_body,
                 request_timeout: cfg.server.request_timeout,
             },
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
         })
     }
 }
@@ -109,18 +115,31 @@ impl Proxy {
     ) -> Response<Body> {
         let _inflight = InflightGuard::request();
         let live = self.live.load_full();
-        let route = live.rules.select(req.uri().path());
         let method = req.method().clone();
         // Kept for the error log; a `Uri` clone shares its bytes (no copy).
         let uri = req.uri().clone();
+        // Rule 13: routes and fingerprints see the normalized path; the upstream gets it as sent.
+        let normal = match crate::key::path::normalize(uri.path()) {
+            Ok(p) => p,
+            Err(e) => {
+                let e = ProxyError::from(e);
+                tracing::debug!(%method, status = 400, code = e.code(), "refused: {e}");
+                live.rules.default_route().counters.count(Outcome::Rejected);
+                return e.response();
+            }
+        };
+        let route = live.rules.select(&normal);
+        let progress = Progress::default();
+        let limit = live.limits.request_timeout;
         let result = match tokio::time::timeout(
-            live.limits.request_timeout,
-            self.handle_inner(&live, route, req, peer),
+            limit,
+            self.handle_inner(&live, route, req, &normal, peer, &progress),
         )
         .await
         {
             Ok(r) => r,
-            Err(_) => Err(ProxyError::UpstreamTimeout),
+            // Whose fault the timeout is depends on where the request was (rule 15).
+            Err(_) => Err(progress.timed_out(limit)),
         };
         let (resp, outcome) = match result {
             Ok(mut resp) => {
@@ -163,9 +182,10 @@ impl ProxyError {
         match self {
             Self::FingerprintMismatch => Outcome::Mismatch,
             Self::InFlight { .. } => Outcome::Conflict,
-            Self::UpstreamUnreachable(_) | Self::UpstreamTimeout | Self::UpstreamFailed(_) => {
-                Outcome::Passthrough
-            }
+            Self::RequestTimeout(_) => Outcome::RequestTimeout,
+            Self::UpstreamTimeout => Outcome::UpstreamTimeout,
+            Self::StoreUnavailable(_) => Outcome::StoreUnavailable,
+            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => Outcome::Passthrough,
             _ => Outcome::Rejected,
         }
     }

@@ -1,5 +1,10 @@
 //! Route selection: the first `[[routes]]` entry whose path glob matches wins; otherwise `[defaults]`
 //! under the route name `default`.
+//!
+//! Globs are matched against the normalized path (contract rule 13), ignoring letter case and a
+//! trailing `/`, and against a looser reading of it (every escape decoded, `;params` dropped, `\` as
+//! `/`: see [`crate::key::path`]): a route that matches too much only adds protection, one that matches
+//! too little lets a retry through unprotected.
 
 use std::sync::Arc;
 
@@ -8,6 +13,7 @@ use globset::{GlobBuilder, GlobMatcher};
 use crate::{
     admin::metrics::RouteCounters,
     config::{defaults::DEFAULT_ROUTE_NAME, Config, Rule},
+    key::path::match_forms,
 };
 
 /// A route ready for matching.
@@ -43,6 +49,7 @@ impl Rules {
                     matcher: Some(
                         GlobBuilder::new(&r.path)
                             .literal_separator(true)
+                            .case_insensitive(true)
                             .build()?
                             .compile_matcher(),
                     ),
@@ -60,11 +67,37 @@ impl Rules {
         })
     }
 
-    /// The rules for a request path (query excluded).
-    pub fn select(&self, path: &str) -> &RouteRules {
+    /// The rules of requests that match no route.
+    pub fn default_route(&self) -> &RouteRules {
+        &self.default
+    }
+
+    /// The rules for a normalized request path (query excluded; see [`crate::key::path::normalize`]).
+    pub fn select(&self, normal_path: &str) -> &RouteRules {
+        if self.routes.is_empty() {
+            return &self.default;
+        }
+        let [strict, loose] = match_forms(normal_path);
+        let with_slash = |p: &str| {
+            let mut s = String::with_capacity(p.len() + 1);
+            s.push_str(p);
+            if !p.ends_with('/') {
+                s.push('/');
+            }
+            s
+        };
+        let mut forms = vec![with_slash(&strict), strict];
+        if forms[1] != loose {
+            forms.push(with_slash(&loose));
+            forms.push(loose);
+        }
         self.routes
             .iter()
-            .find(|r| r.matcher.as_ref().is_some_and(|m| m.is_match(path)))
+            .find(|r| {
+                r.matcher
+                    .as_ref()
+                    .is_some_and(|m| forms.iter().any(|f| m.is_match(f)))
+            })
             .unwrap_or(&self.default)
     }
 }
@@ -97,5 +130,47 @@ mod tests {
         assert_eq!(&*r.select("/v1/payments/p1").name, "payments");
         assert_eq!(&*r.select("/health").name, "root");
         assert_eq!(&*r.select("/a/b").name, "default");
+    }
+
+    /// Rule 13: letter case, a trailing slash and spellings the upstream reads as the same path do not
+    /// escape a route.
+    #[test]
+    fn spellings_of_a_path_select_its_route() {
+        let cfg = Config::parse(
+            r#"
+            [[routes]]
+            name = "payments"
+            path = "/v1/payments/**"
+            [[routes]]
+            name = "exact"
+            path = "/v1/orders"
+            "#,
+            &Overrides::default(),
+        )
+        .unwrap();
+        let r = Rules::new(&cfg).unwrap();
+        let select = |raw: &str| {
+            let normal = crate::key::path::normalize(raw).unwrap();
+            r.select(&normal).name.to_string()
+        };
+        for p in [
+            "/v1/payments/a",
+            "/v1//payments/a",
+            "/v1/%70ayments/a",
+            "/v1/./payments/a",
+            "/v1/x/../payments/a",
+            "/v1/payments/a/",
+            "/V1/PAYMENTS/a",
+            "/v1%2Fpayments%2Fa",
+            "/v1/payments;x=1/a",
+            "/v1\\payments\\a",
+        ] {
+            assert_eq!(select(p), "payments", "{p}");
+        }
+        for p in ["/v1/orders", "/v1/orders/", "/V1/Orders", "/v1//orders/."] {
+            assert_eq!(select(p), "exact", "{p}");
+        }
+        assert_eq!(select("/v1/paymentsx/a"), "default");
+        assert_eq!(select("/v1/orders/1"), "default");
     }
 }

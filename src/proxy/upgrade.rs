@@ -61,7 +61,7 @@ impl Live {
         // Taken before the request is consumed: resolves once hyper has sent our 101 to the client.
         let client_side = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
-        upstream_request(&self.upstream, &mut parts, peer)?;
+        upstream_request(self, &mut parts, peer)?;
         // Hop-by-hop stripping removed them; for this hop they are the point.
         set_upgrade_headers(&mut parts.headers, protocol);
         let mut resp = self

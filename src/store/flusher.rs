@@ -34,7 +34,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::{disk_sync::DiskSync, StoreError};
 
 /// Longest a flush is held back for writers known to be coming.
 pub(crate) const MAX_WINDOW: Duration = Duration::from_millis(2);
@@ -113,6 +113,7 @@ impl Flusher {
     /// (`sync = "periodic"`), so it stays the only caller of `flush`.
     pub(crate) fn start(
         db: sled::Db,
+        disk: DiskSync,
         every: Option<Duration>,
         live: LiveClaims,
     ) -> std::io::Result<Self> {
@@ -128,7 +129,7 @@ impl Flusher {
         let s = Arc::clone(&shared);
         let handle = thread::Builder::new()
             .name("idemproxy-flush".into())
-            .spawn(move || run(&db, &s, every))?;
+            .spawn(move || run(&db, disk, &s, every))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(handle)),
@@ -223,7 +224,7 @@ impl Drop for Flusher {
     }
 }
 
-fn run(db: &sled::Db, s: &Shared, every: Option<Duration>) {
+fn run(db: &sled::Db, mut disk: DiskSync, s: &Shared, every: Option<Duration>) {
     // Wall time of the last flush: the commit window is at most about one flush long.
     let mut last_flush = Duration::ZERO;
     loop {
@@ -254,7 +255,13 @@ fn run(db: &sled::Db, s: &Shared, every: Option<Duration>) {
         // Read the target before flushing: every write numbered <= target completed before this point.
         let target = s.written.load(Ordering::SeqCst);
         let started = Instant::now();
-        let result = db.flush().map(|_| ()).map_err(Arc::new);
+        // sled's flush only `sync_file_range`s its log: the fsyncs that make it survive a power cut
+        // follow, before any waiter hears that its write is durable (see `disk_sync`).
+        let result = db
+            .flush()
+            .map(|_| ())
+            .and_then(|()| disk.after_flush().map_err(sled::Error::Io))
+            .map_err(Arc::new);
         last_flush = started.elapsed();
         s.flushes.fetch_add(1, Ordering::Relaxed);
         s.failed.store(result.is_err(), Ordering::SeqCst);

@@ -1,5 +1,10 @@
-//! A [`Store`] wrapper that times every operation and counts failures (`idemproxy_store_*` metrics).
-//! It is also the seam where tests inject store faults: it wraps any `Arc<dyn Store>`.
+//! A [`Store`] wrapper that bounds every operation by `[store] timeout`, times it and counts failures
+//! (`idemproxy_store_*` metrics). It is also the seam where tests inject store faults: it wraps any
+//! `Arc<dyn Store>`.
+//!
+//! The bound is what turns a stuck store (a full disk under sled, a frozen Redis) into a prompt 503
+//! `store-unavailable` instead of a request that hangs until its own timeout (contract rule 14). A
+//! claim cut short is dropped, and the backend abandons it to its lease (see `Store::abandon`).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -14,18 +19,32 @@ use crate::{
     key::{Fingerprint, StoreKey},
 };
 
-/// Times and counts the operations of an inner store.
+/// Bounds, times and counts the operations of an inner store.
 #[derive(Debug)]
-pub struct Instrumented(pub Arc<dyn Store>);
+pub struct Instrumented {
+    inner: Arc<dyn Store>,
+    timeout: Duration,
+}
 
-async fn timed<T>(
-    op: &'static str,
-    f: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let start = std::time::Instant::now();
-    let r = f.await;
-    metrics::store_op(op, start.elapsed(), r.is_ok());
-    r
+impl Instrumented {
+    /// Wraps `inner`; each operation fails with [`StoreError::Timeout`] after `timeout`.
+    pub fn new(inner: Arc<dyn Store>, timeout: Duration) -> Self {
+        Self { inner, timeout }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        metrics::store_op(op, start.elapsed(), r.is_ok());
+        r
+    }
 }
 
 #[async_trait]
@@ -36,7 +55,7 @@ impl Store for Instrumented {
         fp: Fingerprint,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        timed("claim", self.0.claim(key, fp, lease)).await
+        self.timed("claim", self.inner.claim(key, fp, lease)).await
     }
 
     async fn complete(
@@ -46,7 +65,9 @@ impl Store for Instrumented {
         result: NewResult,
         ttl: Duration,
     ) -> Result<Committed, StoreError> {
-        let r = timed("complete", self.0.complete(key, token, result, ttl)).await;
+        let r = self
+            .timed("complete", self.inner.complete(key, token, result, ttl))
+            .await;
         if matches!(r, Ok(Committed::Done)) {
             metrics::record_stored();
         }
@@ -54,52 +75,52 @@ impl Store for Instrumented {
     }
 
     async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
-        timed("release", self.0.release(key, token)).await
+        self.timed("release", self.inner.release(key, token)).await
     }
 
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        timed("lookup", self.0.lookup(key)).await
+        self.timed("lookup", self.inner.lookup(key)).await
     }
 
     async fn list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError> {
-        timed("list", self.0.list(id)).await
+        self.timed("list", self.inner.list(id)).await
     }
 
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
-        timed("purge", self.0.purge(id)).await
+        self.timed("purge", self.inner.purge(id)).await
     }
 
     fn watch(&self, key: &StoreKey) -> KeyWatch {
-        self.0.watch(key)
+        self.inner.watch(key)
     }
 
     fn abandon(&self, token: u64) {
-        self.0.abandon(token);
+        self.inner.abandon(token);
     }
 
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
-        let r = timed("sweep", self.0.sweep()).await;
+        let r = self.timed("sweep", self.inner.sweep()).await;
         if let Ok(s) = &r {
             metrics::swept(s.expired);
         }
-        let st = self.0.stats();
+        let st = self.inner.stats();
         metrics::store_stats(st.size_on_disk, st.flushes, st.durable_writes);
         r
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        timed("flush", self.0.flush()).await
+        self.timed("flush", self.inner.flush()).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        timed("ping", self.0.ping()).await
+        self.timed("ping", self.inner.ping()).await
     }
 
     fn backend(&self) -> &'static str {
-        self.0.backend()
+        self.inner.backend()
     }
 
     fn stats(&self) -> BackendStats {
-        self.0.stats()
+        self.inner.stats()
     }
 }

@@ -28,6 +28,7 @@
 //!   before `complete` returns, and a `claim` that finds a result whose flush is still pending waits for
 //!   it before answering [`ClaimOutcome::Completed`] (a replay never shows what a crash could take back).
 
+mod disk_sync;
 mod flusher;
 pub mod instrumented;
 pub mod memory;
@@ -118,6 +119,17 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is closed")]
     Closed,
+    /// The store did not answer within `[store] timeout`.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// `[store] max_size` is reached: no new key is taken until the sweeper frees room.
+    #[error("the store is full ({used} of {max} bytes in live records)")]
+    Full {
+        /// Bytes in live records.
+        used: u64,
+        /// `[store] max_size`.
+        max: u64,
+    },
 }
 
 /// The store behind the proxy. Implementations: [`memory::MemoryStore`] (reference model, tests) and

@@ -31,6 +31,7 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
+    disk_sync::{self, DiskSync},
     flusher::{FlushStats, Flusher},
     retry_after,
     watch::{LiveOwners, Watchers},
@@ -203,6 +204,7 @@ impl From<sled::Error> for StoreError {
 impl SledStore {
     /// Opens (or creates) the store at `opts.path`. Fails at once if another process has it open.
     pub fn open(opts: &SledOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        disk_sync::create_private_dir(&opts.path).map_err(backend_err)?;
         let db = sled::Config::new()
             .path(&opts.path)
             .cache_capacity(opts.cache_capacity)
@@ -232,7 +234,9 @@ impl SledStore {
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
         let live: Arc<LiveOwners<(StoreKey, sled::IVec)>> = Arc::default();
         let claims = Arc::clone(&live);
-        let flusher = Flusher::start(db.clone(), every, Box::new(move || claims.len()))
+        disk_sync::make_private(&opts.path).map_err(backend_err)?;
+        let disk = DiskSync::open(&opts.path).map_err(backend_err)?;
+        let flusher = Flusher::start(db.clone(), disk, every, Box::new(move || claims.len()))
             .map_err(backend_err)?;
         Ok(Self {
             inner: Arc::new(Inner {

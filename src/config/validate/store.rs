@@ -1,0 +1,154 @@
+//! `[store]`: the backend, and the settings of each.
+//!
+//! No setting is silently ignored (contract rule 13): a Redis URL — from the file, `--redis-url` or
+//! `IDEMPROXY_REDIS_URL` — selects the Redis backend, and next to an explicit `backend = "sled"` it is an
+//! error naming both; a Redis-only key with sled is an error; a sled-only key with Redis is a warning
+//! (a container image may set `IDEMPROXY_DATA_DIR` for every deployment).
+
+use std::path::PathBuf;
+
+use super::values::{duration, size};
+use crate::config::{
+    bounds,
+    defaults::*,
+    file::{Problems, Section},
+    redact_url, Backend, ConfigError, Overrides, StoreConfig, SyncPolicy,
+};
+
+/// Keys only the sled backend reads.
+const SLED_ONLY: [&str; 3] = ["path", "sync", "cache_capacity"];
+/// Keys only the Redis backend reads.
+const REDIS_ONLY: [&str; 2] = ["redis_url", "key_prefix"];
+
+pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Option<StoreConfig> {
+    let given: Vec<&str> = SLED_ONLY
+        .iter()
+        .chain(&REDIS_ONLY)
+        .copied()
+        .filter(|k| s.has(k))
+        .collect();
+    let explicit = s.take_str("backend", p);
+    let redis_url = s.take_str("redis_url", p);
+    let url_source = if o.redis_url.is_some() {
+        " (from --redis-url or IDEMPROXY_REDIS_URL)"
+    } else {
+        ""
+    };
+    let backend = match (explicit.as_deref(), &redis_url) {
+        (None, Some(_)) | (Some("redis"), Some(_)) => Some(Backend::Redis),
+        (None, None) | (Some("sled"), None) => Some(Backend::Sled),
+        (Some("sled"), Some(_)) => {
+            p.push(
+                s.path_of("backend"),
+                format!(
+                    "\"sled\" conflicts with store.redis_url{url_source}: a Redis URL selects the \
+                     Redis backend; remove one of the two"
+                ),
+            );
+            None
+        }
+        (Some("redis"), None) => {
+            p.push(
+                s.path_of("redis_url"),
+                "missing: backend = \"redis\" needs redis_url (or --redis-url / IDEMPROXY_REDIS_URL)",
+            );
+            None
+        }
+        (Some(other), _) => {
+            p.push(
+                s.path_of("backend"),
+                format!("\"{other}\": expected \"sled\" or \"redis\""),
+            );
+            None
+        }
+    };
+    if let Some(u) = &redis_url {
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            p.push(
+                s.path_of("redis_url"),
+                format!("\"{}\": expected redis:// or rediss://", redact_url(u)),
+            );
+        }
+    }
+    let mut warnings = Vec::new();
+    match backend {
+        Some(Backend::Sled) => {
+            for k in REDIS_ONLY.iter().filter(|k| given.contains(k)) {
+                p.push(
+                    s.path_of(k),
+                    "a Redis setting, but the store is sled (set redis_url to use Redis)",
+                );
+            }
+        }
+        Some(Backend::Redis) => {
+            let flag = o.data_dir.is_some().then_some("path");
+            for k in SLED_ONLY.iter().filter(|k| given.contains(k)) {
+                let from = if Some(*k) == flag {
+                    " (from --data-dir or IDEMPROXY_DATA_DIR)"
+                } else {
+                    ""
+                };
+                warnings.push(ConfigError {
+                    path: s.path_of(k),
+                    reason: format!("a sled setting{from}, ignored: the store is Redis"),
+                });
+            }
+        }
+        None => {}
+    }
+    let path = s
+        .take_str("path", p)
+        .unwrap_or_else(|| DEFAULT_STORE_PATH.to_owned());
+    if path.is_empty() {
+        p.push(s.path_of("path"), "must not be empty");
+    }
+    let sync = match s.take_str("sync", p).as_deref() {
+        None | Some("always") => Some(SyncPolicy::Always),
+        Some("periodic") => Some(SyncPolicy::Periodic),
+        Some(other) => {
+            p.push(
+                s.path_of("sync"),
+                format!("\"{other}\": expected \"always\" or \"periodic\""),
+            );
+            None
+        }
+    };
+    let cache_capacity = size(
+        &mut s,
+        "cache_capacity",
+        DEFAULT_CACHE_CAPACITY,
+        bounds::CACHE_CAPACITY,
+        p,
+    );
+    let sweep_interval = duration(
+        &mut s,
+        "sweep_interval",
+        DEFAULT_SWEEP_INTERVAL,
+        bounds::SWEEP_INTERVAL,
+        p,
+    );
+    let max_size = size(&mut s, "max_size", DEFAULT_MAX_SIZE, bounds::MAX_SIZE, p);
+    let timeout = duration(
+        &mut s,
+        "timeout",
+        DEFAULT_STORE_TIMEOUT,
+        bounds::STORE_TIMEOUT,
+        p,
+    );
+    let key_prefix = s
+        .take_str("key_prefix", p)
+        .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+    s.finish(p);
+    Some(StoreConfig {
+        backend: backend?,
+        path: PathBuf::from(path),
+        sync: sync?,
+        cache_capacity: cache_capacity?,
+        sweep_interval,
+        max_size: max_size?,
+        timeout,
+        redis_url,
+        key_prefix,
+        warnings,
+    })
+}
