@@ -93,6 +93,7 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
                 sync: config.store.sync,
                 cache_capacity: config.store.cache_capacity,
                 periodic_flush: DEFAULT_PERIODIC_FLUSH,
+                max_size: config.store.max_size,
             };
             let s = SledStore::open(&opts, Arc::new(SystemClock)).map_err(|source| {
                 AppError::Store {
@@ -140,6 +141,8 @@ pub async fn run(
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
         grace: config.server.shutdown_grace,
+        idle_timeout: config.server.idle_timeout,
+        max_connections: config.server.max_connections,
     };
     let settings = Arc::new(ArcSwap::from_pointee(AdminSettings::from_config(&config)));
     let admin = Arc::new(Admin::new(

@@ -77,10 +77,7 @@ pub async fn run(
         .map_err(DemoError::Upstream)?;
     let up_addr = up.local_addr().map_err(DemoError::Upstream)?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let opts = ServeOptions {
-        header_read_timeout: Duration::from_secs(10),
-        grace: Duration::from_secs(5),
-    };
+    let opts = ServeOptions::new(Duration::from_secs(10), Duration::from_secs(5));
     let upstream = tokio::spawn(server::serve(
         up,
         Arc::new(Arc::new(CountingUpstream::default())),

@@ -8,10 +8,13 @@
 //! | `idemproxy_store_duration_seconds` | histogram | `op` (claim, complete, release, lookup, list, purge, sweep, flush, ping) |
 //! | `idemproxy_store_errors_total` | counter | `op` |
 //! | `idemproxy_inflight` | gauge | requests being handled |
+//! | `idemproxy_upstream_inflight` | gauge | upstream exchanges running, detached ones (client gone) included |
+//! | `idemproxy_connections` | gauge | client connections open |
 //! | `idemproxy_waiting` | gauge | duplicates waiting for their first request (`on_in_flight = "wait"`) |
 //! | `idemproxy_records_stored_total` | counter | results recorded |
 //! | `idemproxy_sweeper_runs_total`, `idemproxy_records_expired_total` | counter | |
 //! | `idemproxy_store_size_bytes` | gauge | bytes on disk (sled) |
+//! | `idemproxy_store_live_bytes`, `idemproxy_store_max_size_bytes` | gauge | bytes of live records, and `[store] max_size` (sled) |
 //! | `idemproxy_store_flushes_total`, `idemproxy_store_durable_writes_total` | counter | group commit: fsyncs, and writes they covered |
 
 use std::{sync::OnceLock, time::Duration};
@@ -108,6 +111,14 @@ fn describe() {
     );
     describe_gauge!("idemproxy_inflight", "Requests being handled");
     describe_gauge!(
+        "idemproxy_upstream_inflight",
+        "Upstream exchanges running, detached ones included (bounded by upstream.max_concurrency)"
+    );
+    describe_gauge!(
+        "idemproxy_connections",
+        "Client connections open (bounded by server.max_connections)"
+    );
+    describe_gauge!(
         "idemproxy_waiting",
         "Duplicates waiting for the first request with their key"
     );
@@ -121,6 +132,16 @@ fn describe() {
         "idemproxy_store_size_bytes",
         Unit::Bytes,
         "Store size on disk"
+    );
+    describe_gauge!(
+        "idemproxy_store_live_bytes",
+        Unit::Bytes,
+        "Bytes of live records (keys, headers, bodies), capped by store.max_size"
+    );
+    describe_gauge!(
+        "idemproxy_store_max_size_bytes",
+        Unit::Bytes,
+        "store.max_size"
     );
     describe_counter!(
         "idemproxy_store_flushes_total",
@@ -210,6 +231,7 @@ const HOT_OPS: [&str; 3] = ["claim", "complete", "release"];
 /// updating one is then an atomic operation, without building a key and looking it up in the registry.
 struct Hot {
     inflight: metrics::Gauge,
+    upstream: metrics::Gauge,
     waiting: metrics::Gauge,
     stored: metrics::Counter,
     ops: [(metrics::Histogram, metrics::Counter); 3],
@@ -219,6 +241,7 @@ impl Hot {
     fn register() -> Self {
         Self {
             inflight: gauge!("idemproxy_inflight"),
+            upstream: gauge!("idemproxy_upstream_inflight"),
             waiting: gauge!("idemproxy_waiting"),
             stored: counter!("idemproxy_records_stored_total"),
             ops: HOT_OPS.map(|op| {
@@ -264,12 +287,28 @@ pub fn swept(expired: u64) {
 }
 
 /// Store size and group-commit counters (absolute values, sampled).
-pub fn store_stats(size_bytes: Option<u64>, flushes: u64, durable_writes: u64) {
-    if let Some(s) = size_bytes {
+pub fn store_stats(st: &crate::store::BackendStats) {
+    if let Some(s) = st.size_on_disk {
         gauge!("idemproxy_store_size_bytes").set(s as f64);
     }
-    counter!("idemproxy_store_flushes_total").absolute(flushes);
-    counter!("idemproxy_store_durable_writes_total").absolute(durable_writes);
+    if let Some(s) = st.live_bytes {
+        gauge!("idemproxy_store_live_bytes").set(s as f64);
+    }
+    if let Some(s) = st.max_size {
+        gauge!("idemproxy_store_max_size_bytes").set(s as f64);
+    }
+    counter!("idemproxy_store_flushes_total").absolute(st.flushes);
+    counter!("idemproxy_store_durable_writes_total").absolute(st.durable_writes);
+}
+
+/// A client connection was accepted.
+pub fn connection_opened() {
+    gauge!("idemproxy_connections").increment(1.0);
+}
+
+/// A client connection ended.
+pub fn connection_closed() {
+    gauge!("idemproxy_connections").decrement(1.0);
 }
 
 /// Counts a request as in flight while alive.
@@ -282,6 +321,14 @@ impl InflightGuard {
         Self::up(
             HOT.get()
                 .map_or_else(|| gauge!("idemproxy_inflight"), |h| h.inflight.clone()),
+        )
+    }
+
+    /// An upstream exchange.
+    pub fn upstream() -> Self {
+        Self::up(
+            HOT.get()
+                .map_or_else(|| gauge!("idemproxy_upstream_inflight"), |h| h.upstream.clone()),
         )
     }
 

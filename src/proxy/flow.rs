@@ -23,6 +23,7 @@ use super::{
     body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed},
     error::ProxyError,
     headers::{add_forwarded, recordable, strip_hop_by_hop},
+    limit::Slot,
     progress::{Phase, Progress},
     replay::replay,
     rules::RouteRules,
@@ -186,7 +187,7 @@ impl Proxy {
                 (rule.on_in_flight == InFlightMode::Wait).then(|| self.store.watch(&req.key));
             let outcome = match self.store.claim(&req.key, req.fp, rule.lease).await {
                 Ok(o) => o,
-                Err(StoreError::Full { .. }) => return Err(ProxyError::StoreFull),
+                Err(StoreError::Full(_)) => return Err(ProxyError::StoreFull),
                 Err(e) => {
                     progress.set(Phase::Upstream);
                     return live
@@ -284,6 +285,14 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
         let progress = &claim.progress;
+        let slot = match live.limit.try_take() {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing was sent: the key is freed for the retry.
+                self.release(claim).await;
+                return Err(e);
+            }
+        };
         if let Err(e) = upstream_request(live, &mut parts, peer) {
             self.release(claim).await;
             return Err(e);
@@ -317,7 +326,7 @@ impl Proxy {
             self.release(claim).await;
             tracing::debug!(route = %claim.route, key = %claim.redacted, status = head.status.as_u16(), "released on status");
             return Ok(tagged(
-                Response::from_parts(head, stream(upstream_body)),
+                Response::from_parts(head, slot.hold(stream(upstream_body))),
                 Outcome::Released,
             ));
         }
@@ -366,11 +375,12 @@ impl Proxy {
         self.record(claim, rule, result).await?;
         let body = match captured {
             Captured::Full(b) => {
+                drop(slot);
                 head.headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
                 full(b)
             }
-            Captured::Over { prefix, rest } => Prefixed::boxed_body(prefix, rest),
+            Captured::Over { prefix, rest } => slot.hold(Prefixed::boxed_body(prefix, rest)),
         };
         Ok(tagged(Response::from_parts(head, body), Outcome::Forwarded))
     }
@@ -482,6 +492,7 @@ impl Live {
         peer: SocketAddr,
         degraded: bool,
     ) -> Result<Response<Body>, ProxyError> {
+        let slot = self.limit.try_take()?;
         upstream_request(self, &mut parts, peer)?;
         let resp = self
             .upstream
@@ -491,7 +502,7 @@ impl Live {
             )
             .await
             .map_err(into_proxy_error)?;
-        let mut resp = upstream_response(resp);
+        let mut resp = upstream_response(resp, slot);
         if degraded {
             resp.headers_mut()
                 .insert(DEGRADED, HeaderValue::from_static("true"));
@@ -510,6 +521,7 @@ impl Live {
             progress.set(Phase::Upstream);
             return self.tunnel(req, peer, protocol).await;
         }
+        let slot = self.limit.try_take()?;
         let (mut parts, body) = req.into_parts();
         upstream_request(self, &mut parts, peer)?;
         let resp = self
@@ -520,7 +532,7 @@ impl Live {
             )
             .await;
         match resp {
-            Ok(resp) => Ok(upstream_response(resp)),
+            Ok(resp) => Ok(upstream_response(resp, slot)),
             // The upstream waited for a body the client never finished sending: the client's doing.
             Err(UpstreamError::Timeout) if progress.get() == Phase::Body => {
                 Err(ProxyError::RequestTimeout(self.upstream.timeout))
@@ -563,11 +575,11 @@ pub(super) fn upstream_request(
     Ok(())
 }
 
-fn upstream_response(resp: Response<Incoming>) -> Response<Body> {
+fn upstream_response(resp: Response<Incoming>, slot: Slot) -> Response<Body> {
     let (mut head, body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
     tagged(
-        Response::from_parts(head, stream(body)),
+        Response::from_parts(head, slot.hold(stream(body))),
         Outcome::Passthrough,
     )
 }

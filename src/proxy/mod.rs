@@ -10,6 +10,7 @@ pub mod body;
 pub mod error;
 mod flow;
 pub mod headers;
+mod limit;
 mod progress;
 pub mod replay;
 pub mod rules;
@@ -53,10 +54,12 @@ pub struct Live {
     limits: Limits,
     /// Peers whose forwarding headers are believed (rule 16).
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Upstream exchanges at once (shared by every `Live` of one proxy).
+    limit: limit::UpstreamLimit,
 }
 
 impl Live {
-    fn new(cfg: &Config) -> Result<Self, SetupError> {
+    fn new(cfg: &Config, limit: limit::UpstreamLimit) -> Result<Self, SetupError> {
         Ok(Self {
             rules: rules::Rules::new(cfg)?,
             upstream: upstream::Upstream::new(&cfg.upstream)?,
@@ -66,6 +69,7 @@ impl Live {
                 request_timeout: cfg.server.request_timeout,
             },
             trusted_proxies: cfg.server.trusted_proxies.clone(),
+            limit,
         })
     }
 }
@@ -95,7 +99,10 @@ impl Proxy {
     /// Builds the proxy for a validated config.
     pub fn new(cfg: &Config, store: Arc<dyn Store>) -> Result<Self, SetupError> {
         Ok(Self {
-            live: ArcSwap::from_pointee(Live::new(cfg)?),
+            live: ArcSwap::from_pointee(Live::new(
+                cfg,
+                limit::UpstreamLimit::new(cfg.upstream.max_concurrency),
+            )?),
             store,
             tasks: TaskTracker::new(),
         })
@@ -103,7 +110,9 @@ impl Proxy {
 
     /// Applies a reloaded config to new requests; requests already running keep the old one.
     pub fn reload(&self, cfg: &Config) -> Result<(), SetupError> {
-        self.live.store(Arc::new(Live::new(cfg)?));
+        // `upstream.max_concurrency` takes effect after a restart: the slots in use stay counted.
+        let limit = self.live.load().limit.clone();
+        self.live.store(Arc::new(Live::new(cfg, limit)?));
         Ok(())
     }
 

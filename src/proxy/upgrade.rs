@@ -60,6 +60,8 @@ impl Live {
     ) -> Result<Response<Body>, ProxyError> {
         // Taken before the request is consumed: resolves once hyper has sent our 101 to the client.
         let client_side = hyper::upgrade::on(&mut req);
+        // A tunnel counts against `max_concurrency` while its handshake is at the upstream.
+        let _slot = self.limit.try_take()?;
         let (mut parts, body) = req.into_parts();
         upstream_request(self, &mut parts, peer)?;
         // Hop-by-hop stripping removed them; for this hop they are the point.

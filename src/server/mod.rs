@@ -9,28 +9,32 @@
 //! Drain: when `shutdown` resolves the listener closes, pending TLS handshakes are abandoned at once
 //! (a client that never finishes its handshake must not hold up the exit), and open connections finish
 //! the request they serve. Upgraded connections (tunnels) have left hyper by then and are not waited for.
+//!
+//! Limits (contract "Limits and hostile input"): at most `max_connections` connections are served at
+//! once (beyond it the accept loop stops accepting and new ones wait in the kernel's backlog); a
+//! connection with no request in flight for `idle_timeout` is closed, HTTP/1 keep-alive and HTTP/2
+//! alike (see `conn`), which also bounds an HTTP/2 client that never finishes its headers; HTTP/2
+//! connections are pinged, so a vanished client is noticed while a long request runs.
 
+mod conn;
 pub mod shutdown;
 pub mod tls;
 
-use std::{
-    convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
-};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use http::{uri::Scheme, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
-    sync::watch,
+    net::TcpListener,
+    sync::{watch, Semaphore},
 };
+use tokio_util::task::TaskTracker;
+
+use conn::{Conn, ConnSlot};
 
 use crate::proxy::Body;
 
@@ -52,6 +56,22 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// How long the drain waits for open requests once shutdown begins.
     pub grace: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl ServeOptions {
+    /// Options with the built-in defaults for the limits (tests, the demo).
+    pub fn new(header_read_timeout: Duration, grace: Duration) -> Self {
+        Self {
+            header_read_timeout,
+            grace,
+            idle_timeout: crate::config::defaults::DEFAULT_IDLE_TIMEOUT,
+            max_connections: crate::config::defaults::DEFAULT_MAX_CONNECTIONS as usize,
+        }
+    }
 }
 
 /// How serving ended.
@@ -88,14 +108,27 @@ pub async fn serve_with(
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // A client that vanished without a FIN is noticed while its requests run.
+        .keep_alive_interval(Some(opts.idle_timeout.min(Duration::from_secs(30))))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    // Tells tasks still in their TLS handshake to give up (they are not hyper connections yet, so the
-    // graceful shutdown cannot reach them, and their watcher would hold up its completion).
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    // Tells connections to finish (drain), and tasks still in their TLS handshake to give up.
     let (stopping_tx, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
+        // A slot first: at the cap, stop accepting and leave new connections in the backlog.
+        let slot = tokio::select! {
+            s = Arc::clone(&slots).acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -111,15 +144,17 @@ pub async fn serve_with(
                 let conn = Conn {
                     builder: Arc::clone(&builder),
                     handler: Arc::clone(&handler),
-                    watcher: graceful.watcher(),
                     peer,
+                    opts,
+                    stopping: stopping.clone(),
+                    _slot: ConnSlot::new(slot),
                 };
                 match &tls {
                     None => {
-                        tokio::spawn(conn.plain(stream, opts.header_read_timeout, stopping.clone()));
+                        tracker.spawn(conn.plain(stream));
                     }
                     Some(tls) => {
-                        tokio::spawn(conn.handshake(stream, tls.clone(), stopping.clone()));
+                        tracker.spawn(conn.handshake(stream, tls.clone()));
                     }
                 }
             }
@@ -128,94 +163,9 @@ pub async fn serve_with(
     }
     drop(listener);
     let _ = stopping_tx.send(true);
+    tracker.close();
     tokio::select! {
-        () = graceful.shutdown() => Drain::Complete,
+        () = tracker.wait() => Drain::Complete,
         () = tokio::time::sleep(opts.grace) => Drain::TimedOut,
-    }
-}
-
-/// Whether the client sent enough bytes to choose a protocol: anything that is not a prefix of the
-/// HTTP/2 preface, or the whole preface. `false` on EOF or error.
-async fn first_bytes(tcp: &TcpStream) -> bool {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut buf = [0u8; 24];
-    loop {
-        match tcp.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) if n >= PREFACE.len() || !PREFACE.starts_with(&buf[..n]) => return true,
-            // Part of the preface: `peek` would return at once again; wait a little for the rest.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
-}
-
-/// One accepted connection, before hyper takes it over.
-struct Conn {
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    handler: Arc<dyn Handler>,
-    /// Taken before the handshake, so a connection that completes it after shutdown began is closed
-    /// gracefully at once instead of being served.
-    watcher: Watcher,
-    peer: SocketAddr,
-}
-
-impl Conn {
-    /// TLS handshake (bounded by the handshake timeout, abandoned on shutdown), then HTTP.
-    async fn handshake(self, tcp: TcpStream, tls: ServerTls, mut stopping: watch::Receiver<bool>) {
-        let peer = self.peer;
-        let stream = tokio::select! {
-            r = tls.accept(tcp) => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Scanners, wrong CAs and clients that give up: client noise, not our failure.
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            },
-            _ = stopping.wait_for(|s| *s) => return,
-        };
-        self.serve(stream, Scheme::HTTPS).await;
-    }
-
-    /// Plain HTTP: waits, bounded by the header read timeout (and abandoned on shutdown), until the
-    /// client has sent enough to tell HTTP/1 from the HTTP/2 preface, then serves. hyper's header timer
-    /// only starts after the auto builder has read those bytes, so without this a connection that sends
-    /// nothing (or half a preface) would stay open forever (hyperium/hyper#3756).
-    async fn plain(self, tcp: TcpStream, limit: Duration, mut stopping: watch::Receiver<bool>) {
-        let peer = self.peer;
-        let ready = tokio::select! {
-            r = tokio::time::timeout(limit, first_bytes(&tcp)) => matches!(r, Ok(true)),
-            _ = stopping.wait_for(|s| *s) => false,
-        };
-        if !ready {
-            tracing::debug!(%peer, "connection closed: no request within header_read_timeout");
-            return;
-        }
-        self.serve(tcp, Scheme::HTTP).await;
-    }
-
-    /// Serves HTTP on an established connection until it closes (or drains).
-    async fn serve<S>(self, io: S, scheme: Scheme)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let Self {
-            builder,
-            handler,
-            watcher,
-            peer,
-        } = self;
-        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(scheme.clone());
-            let fut = handler.call(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        // With upgrades: a handler may answer 101 and take the connection over (WebSocket tunnels).
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
-        }
     }
 }

@@ -104,7 +104,7 @@ impl Store for Instrumented {
             metrics::swept(s.expired);
         }
         let st = self.inner.stats();
-        metrics::store_stats(st.size_on_disk, st.flushes, st.durable_writes);
+        metrics::store_stats(&st);
         r
     }
 

@@ -28,8 +28,6 @@
 //!   before `complete` returns, and a `claim` that finds a result whose flush is still pending waits for
 //!   it before answering [`ClaimOutcome::Completed`] (a replay never shows what a crash could take back).
 
-mod disk_sync;
-mod flusher;
 pub mod instrumented;
 pub mod memory;
 pub mod record;
@@ -122,14 +120,10 @@ pub enum StoreError {
     /// The store did not answer within `[store] timeout`.
     #[error("the store did not answer within {0:?}")]
     Timeout(Duration),
-    /// `[store] max_size` is reached: no new key is taken until the sweeper frees room.
-    #[error("the store is full ({used} of {max} bytes in live records)")]
-    Full {
-        /// Bytes in live records.
-        used: u64,
-        /// `[store] max_size`.
-        max: u64,
-    },
+    /// The store is full (`[store] max_size` reached, or Redis's `maxmemory`): no new key is taken
+    /// until expired records are swept.
+    #[error("the store is full: {0}")]
+    Full(String),
 }
 
 /// The store behind the proxy. Implementations: [`memory::MemoryStore`] (reference model, tests) and
@@ -197,6 +191,10 @@ pub trait Store: Send + Sync + Debug + 'static {
 pub struct BackendStats {
     /// Bytes on disk.
     pub size_on_disk: Option<u64>,
+    /// Bytes of live records (what `[store] max_size` caps).
+    pub live_bytes: Option<u64>,
+    /// `[store] max_size`, where the backend enforces it.
+    pub max_size: Option<u64>,
     /// Flushes performed (group commit).
     pub flushes: u64,
     /// Writes that asked to be durable.

@@ -143,8 +143,18 @@ impl Record {
         out
     }
 
-    /// Decodes a stored record.
+    /// Decodes a stored record (header values and body are copied out of `bytes`).
     pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        Self::decode_with(bytes, Bytes::copy_from_slice)
+    }
+
+    /// Decodes a stored record whose body (and header values) stay slices of `bytes`: many replays of
+    /// one record share its bytes instead of copying them each (contract rule 18).
+    pub fn decode_shared(bytes: &Bytes) -> Result<Record, DecodeError> {
+        Self::decode_with(bytes, |part| bytes.slice_ref(part))
+    }
+
+    fn decode_with(bytes: &[u8], share: impl Fn(&[u8]) -> Bytes) -> Result<Record, DecodeError> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
         if version != SCHEMA_VERSION {
@@ -171,10 +181,10 @@ impl Record {
                         .map_err(|_| DecodeError::Corrupt("header name"))?
                         .to_owned();
                     let v = r.u32()? as usize;
-                    headers.push((name, Bytes::copy_from_slice(r.take(v)?)));
+                    headers.push((name, share(r.take(v)?)));
                 }
                 let n = r.u32()? as usize;
-                let body = Bytes::copy_from_slice(r.take(n)?);
+                let body = share(r.take(n)?);
                 Record::Completed(Completed {
                     created_ms,
                     expires_ms,

@@ -389,6 +389,15 @@ fn backend_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError 
     }
 }
 
+/// A Redis error; `OOM` (`maxmemory` reached under `noeviction`) is the store being full, which the
+/// proxy answers with 503 `store-full` (the Redis counterpart of `[store] max_size`).
+fn redis_err(e: RedisError) -> StoreError {
+    if e.code() == Some("OOM") {
+        return StoreError::Full(format!("Redis refused the write: {e}"));
+    }
+    backend_err(e)
+}
+
 fn other_err(msg: String) -> StoreError {
     backend_err(std::io::Error::other(msg))
 }
@@ -532,7 +541,7 @@ impl Conn {
         f: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.op_timeout, f).await {
-            Ok(r) => r.map_err(backend_err),
+            Ok(r) => r.map_err(redis_err),
             Err(_) => Err(backend_err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.op_timeout),

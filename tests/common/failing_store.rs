@@ -224,8 +224,8 @@ impl InProcess {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let opts = ServeOptions {
-            header_read_timeout: config.server.header_read_timeout,
             grace: Duration::from_secs(5),
+            ..ServeOptions::new(config.server.header_read_timeout, Duration::from_secs(5))
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server::serve(

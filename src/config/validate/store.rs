@@ -16,7 +16,7 @@ use crate::config::{
 };
 
 /// Keys only the sled backend reads.
-const SLED_ONLY: [&str; 3] = ["path", "sync", "cache_capacity"];
+const SLED_ONLY: [&str; 4] = ["path", "sync", "cache_capacity", "max_size"];
 /// Keys only the Redis backend reads.
 const REDIS_ONLY: [&str; 2] = ["redis_url", "key_prefix"];
 
@@ -88,9 +88,16 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
                 } else {
                     ""
                 };
+                let mut reason = format!("a sled setting{from}, ignored: the store is Redis");
+                if *k == "max_size" {
+                    reason.push_str(
+                        " (cap Redis with maxmemory and maxmemory-policy noeviction: its OOM \
+                         answers become 503 store-full)",
+                    );
+                }
                 warnings.push(ConfigError {
                     path: s.path_of(k),
-                    reason: format!("a sled setting{from}, ignored: the store is Redis"),
+                    reason,
                 });
             }
         }

@@ -34,7 +34,8 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::{disk_sync::DiskSync, StoreError};
+use super::disk_sync::DiskSync;
+use crate::store::StoreError;
 
 /// Longest a flush is held back for writers known to be coming.
 pub(crate) const MAX_WINDOW: Duration = Duration::from_millis(2);

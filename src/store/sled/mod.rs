@@ -6,33 +6,45 @@
 //! its owner completes it with one more (expecting the claim bytes it wrote, no read): two tree writes
 //! and one read per request.
 //!
-//! Sweeping: there is no expiry index (it cost a third tree write per request, on the right-most leaf,
-//! whose keys grow with time). The sweeper walks `records` in key order from where the last sweep
-//! stopped, a bounded slice per sweep, wrapping around, and deletes what has lapsed (a completed record
-//! past its TTL, or a claim past its lease whose owner is not alive in this process — which covers
-//! claims left by a crash, found without any scan at open). Reads check expiry themselves, so a lapsed
-//! record is never replayed while it waits for the sweeper; the walk only bounds disk use.
+//! Files of this folder, each owning one job:
+//! - `flusher`: the one thread that flushes (group commit), and `disk_sync`: the `fdatasync`/`fsync`
+//!   calls after each flush that sled leaves out (it only `sync_file_range`s), so `sync = "always"`
+//!   survives a power cut, not just a crash; also the data dir's private permissions.
+//! - `unflushed`: results written but not yet durable (a replay waits for their flush).
+//! - `size`: the exact byte count of live records behind `[store] max_size`.
+//! - `sweep`: the bounded walk that deletes lapsed records.
 //!
 //! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once the write is
-//! flushed (group commit, see `flusher`), and a replay of a result whose flush is still pending waits
-//! for that flush (the `unflushed` map), so a client never sees a result that a crash could take back. sled flushes with `sync_file_range` on Linux: this
-//! survives a process crash (kill -9); it is weaker than `fdatasync` against power loss.
+//! flushed and synced (group commit), and a replay of a result whose flush is still pending waits for
+//! that flush, so a client never sees a result that a crash or a power cut could take back.
 //!
 //! sled calls are synchronous but short (in-memory tree operations); the fsync runs on the flusher
 //! thread and the sweep in `spawn_blocking`.
 
 use std::{
-    collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use async_trait::async_trait;
 
-use super::{
-    disk_sync::{self, DiskSync},
+mod disk_sync;
+mod flusher;
+mod size;
+mod sweep;
+#[cfg(test)]
+mod tests;
+mod unflushed;
+
+use self::{
+    disk_sync::DiskSync,
     flusher::{FlushStats, Flusher},
+    size::{record_size, Size},
+    sweep::{Walk, SWEEP_BATCH},
+    unflushed::{lock, remove_if, Unflushed, UnflushedMap},
+};
+use super::{
     retry_after,
     watch::{LiveOwners, Watchers},
     ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
@@ -44,25 +56,6 @@ use crate::{
     key::{Fingerprint, StoreKey},
 };
 
-/// Fewest records one sweep looks at: a sweep is a bounded slice of the walk over `records` (about
-/// 1 µs per record here), so it never holds up shutdown for long.
-const SWEEP_BATCH: u64 = 50_000;
-
-/// A larger store gets larger slices, so one lap of the walk takes at most this many sweeps (5 minutes
-/// at the default `sweep_interval`): an expired record stays on disk at most that long after its TTL,
-/// however fast keys arrive.
-const LAP_SWEEPS: u64 = 60;
-
-/// Where the sweeper's walk over `records` stands.
-#[derive(Debug, Clone, Default)]
-struct Walk {
-    /// Where the next sweep resumes (`None`: from the start).
-    from: Option<sled::IVec>,
-    /// Records looked at since the walk last passed the end of the tree.
-    lap: u64,
-    /// Records one sweep looks at: the size of the last lap ÷ LAP_SWEEPS, at least SWEEP_BATCH.
-    batch: u64,
-}
 
 /// How the sled store is opened.
 #[derive(Debug, Clone)]
@@ -75,6 +68,8 @@ pub struct SledOptions {
     pub cache_capacity: u64,
     /// Flush interval for `sync = "periodic"`.
     pub periodic_flush: Duration,
+    /// `[store] max_size`: bytes of live records beyond which new keys are refused.
+    pub max_size: u64,
 }
 
 /// The sled store. Cheap to clone (shared inside).
@@ -83,62 +78,7 @@ pub struct SledStore {
     inner: Arc<Inner>,
 }
 
-/// Results written but not yet known durable: store key → (token of the writer, flush sequence number
-/// that covers the write, 0 while its compare-and-swap is in progress or after its flush failed).
-type UnflushedMap = Mutex<HashMap<[u8; 64], (u64, u64)>>;
 
-/// The entry of one `complete` in `Inner::unflushed`. Dropped, it removes the entry if it is still
-/// its own (a later writer of the same key — after a purge, or a TTL shorter than a flush — may have
-/// replaced it); `keep` leaves it for the replays to settle (its flush failed).
-struct Unflushed<'a> {
-    map: &'a UnflushedMap,
-    key: [u8; 64],
-    token: u64,
-    armed: bool,
-}
-
-impl<'a> Unflushed<'a> {
-    fn new(map: &'a UnflushedMap, key: [u8; 64], token: u64) -> Self {
-        lock(map).insert(key, (token, 0));
-        Self {
-            map,
-            key,
-            token,
-            armed: true,
-        }
-    }
-
-    fn covered_by(&self, seq: u64) {
-        lock(self.map).insert(self.key, (self.token, seq));
-    }
-
-    /// The flush failed: later replays must wait for one that succeeds (a fresh one, seq 0).
-    fn keep(mut self) {
-        lock(self.map).insert(self.key, (self.token, 0));
-        self.armed = false;
-    }
-}
-
-impl Drop for Unflushed<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            remove_if(self.map, &self.key, |(t, _)| t == self.token);
-        }
-    }
-}
-
-/// Removes `key` from `map` if its entry passes `mine`.
-fn remove_if(map: &UnflushedMap, key: &[u8; 64], mine: impl Fn((u64, u64)) -> bool) {
-    let mut m = lock(map);
-    if m.get(key).is_some_and(|e| mine(*e)) {
-        m.remove(key);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Single inserts and removes: a panic cannot leave the map inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Abandons a claim whose `claim` call was dropped before it returned.
 struct AbandonOnDrop<'a> {
@@ -184,6 +124,8 @@ struct Inner {
     unflushed: UnflushedMap,
     /// Fencing tokens: see [`Tokens`].
     tokens: Mutex<Tokens>,
+    /// Bytes of live records, against `max_size`.
+    size: Size,
     watchers: Arc<Watchers>,
     clock: Arc<dyn Clock>,
 }
@@ -231,6 +173,7 @@ impl SledStore {
             db.drop_tree("expiry")?;
         }
         let block = db.generate_id()?;
+        let size = Size::count(&records, opts.max_size)?;
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
         let live: Arc<LiveOwners<(StoreKey, sled::IVec)>> = Arc::default();
         let claims = Arc::clone(&live);
@@ -251,6 +194,7 @@ impl SledStore {
                 live,
                 unflushed: Mutex::default(),
                 tokens: Mutex::new(Tokens { block, used: 0 }),
+                size,
                 watchers: Arc::default(),
                 clock,
             }),
@@ -365,68 +309,15 @@ impl Inner {
         old: Option<&sled::IVec>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        Ok(self.records.compare_and_swap(key, old, new)?.is_ok())
-    }
-
-    /// One slice of the walk over `records`: from where the last sweep stopped to the end, then from
-    /// the start back to there, at most `walk.batch` records. On an error the walk stays where it was.
-    fn sweep_blocking(&self) -> Result<SweepStats, StoreError> {
-        let now = self.clock.now_ms();
-        let mut stats = SweepStats::default();
-        let mut walk = lock(&self.walk).clone();
-        let from = walk.from.clone();
-        let range = self.records.range(from.clone().unwrap_or_default()..);
-        let mut next = self.sweep_range(range, now, walk.batch, &mut stats)?;
-        if next.is_none() {
-            // Past the end: a lap is over, and its size sets the slices of the next one.
-            let lap = walk.lap + stats.scanned;
-            walk.batch = (lap / LAP_SWEEPS).max(SWEEP_BATCH);
-            walk.lap = 0;
-            let before = stats.scanned;
-            if let Some(from) = from {
-                next = self.sweep_range(self.records.range(..from), now, walk.batch, &mut stats)?;
-            }
-            walk.lap = stats.scanned - before;
-        } else {
-            walk.lap += stats.scanned;
+        let sizes = (
+            old.map_or(0, |o| record_size(o.len())),
+            new.as_ref().map_or(0, |n| record_size(n.len())),
+        );
+        let swapped = self.records.compare_and_swap(key, old, new)?.is_ok();
+        if swapped {
+            self.size.swapped(sizes.0, sizes.1);
         }
-        walk.from = next;
-        *lock(&self.walk) = walk;
-        Ok(stats)
-    }
-
-    /// Sweeps the records of `range` until the batch is used up; returns the key to resume from then.
-    fn sweep_range(
-        &self,
-        range: sled::Iter,
-        now: u64,
-        batch: u64,
-        stats: &mut SweepStats,
-    ) -> Result<Option<sled::IVec>, StoreError> {
-        for item in range {
-            let (k, v) = item?;
-            if stats.scanned >= batch {
-                return Ok(Some(k));
-            }
-            stats.scanned += 1;
-            let lapsed = match Record::peek_lapse(&v) {
-                Some((Some(token), deadline)) => deadline <= now && !self.live.contains(token),
-                Some((None, expires)) => expires <= now,
-                None => false,
-            };
-            if lapsed
-                && self
-                    .records
-                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
-                    .is_ok()
-            {
-                stats.expired += 1;
-                if let Some(key) = StoreKey::from_bytes(&k) {
-                    self.watchers.notify(&key);
-                }
-            }
-        }
-        Ok(None)
+        Ok(swapped)
     }
 }
 
@@ -447,7 +338,8 @@ impl Store for SledStore {
         loop {
             let now = s.clock.now_ms();
             if let Some(bytes) = &cur {
-                let rec = Record::decode(bytes)?;
+                // A replay's body stays a slice of sled's buffer (shared, not copied per replay).
+                let rec = Record::decode_shared(&bytes::Bytes::from_owner(bytes.clone()))?;
                 if !s.lapsed(&rec, now) {
                     return Ok(match rec {
                         Record::InFlight(f) => ClaimOutcome::InFlight {
@@ -473,11 +365,10 @@ impl Store for SledStore {
                                         r
                                     }
                                 };
-                                // Replaying is still right if the flush failed: forwarding (as
-                                // `on_store_error = "pass"` would) could run the request twice.
-                                if let Err(e) = waited {
-                                    tracing::warn!(error = %e, "replaying a result whose flush failed");
-                                }
+                                // A result that is not durable is not replayed (rule 14: only
+                                // durable results are acknowledged); the retry gets a store error
+                                // and comes back once the store works again.
+                                waited?;
                             }
                             ClaimOutcome::Completed(c)
                         }
@@ -492,6 +383,13 @@ impl Store for SledStore {
                 fingerprint: fp,
             });
             let encoded = sled::IVec::from(rec.encode());
+            // `max_size`: only a claim that grows the store is refused (a takeover of a lapsed
+            // record of at least its size is not).
+            let sizes = (
+                cur.as_ref().map_or(0, |c| record_size(c.len())),
+                record_size(encoded.len()),
+            );
+            s.size.admit(sizes.1.saturating_sub(sizes.0))?;
             // Live before it is written: the sweeper must never see this claim without its owner
             // (with a lease of a few ms it could otherwise delete it as lapsed).
             s.live.insert(token, (*key, encoded.clone()));
@@ -499,7 +397,7 @@ impl Store for SledStore {
                 .records
                 .compare_and_swap(kb, cur.as_ref(), Some(encoded.clone()));
             match swapped {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => s.size.swapped(sizes.0, sizes.1),
                 Ok(Err(lost)) => {
                     s.live.remove(token);
                     cur = lost.current; // a record exists, or changed since it was read: look at it
@@ -681,6 +579,8 @@ impl Store for SledStore {
         let f = self.inner.flusher.stats();
         super::BackendStats {
             size_on_disk: self.inner.db.size_on_disk().ok(),
+            live_bytes: Some(self.inner.size.used()),
+            max_size: Some(self.inner.size.max()),
             flushes: f.flushes,
             durable_writes: f.writes,
         }
@@ -703,185 +603,9 @@ pub fn open_default(
             sync,
             cache_capacity: crate::config::defaults::DEFAULT_CACHE_CAPACITY,
             periodic_flush: crate::config::defaults::DEFAULT_PERIODIC_FLUSH,
+            max_size: crate::config::defaults::DEFAULT_MAX_SIZE,
         },
         clock,
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-
-    /// A claim left by a crash (no clean close) is swept after its lease by the walk over the records.
-    #[tokio::test]
-    async fn claims_left_by_a_crash_are_swept_after_their_lease() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(10_000_000));
-        let key = StoreKey {
-            id: [3; 32],
-            scope: [4; 32],
-        };
-        let lease = Duration::from_secs(30);
-        {
-            let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
-            assert!(matches!(
-                s.claim(&key, Fingerprint([1; 32]), lease).await.unwrap(),
-                ClaimOutcome::Claimed { .. }
-            ));
-            // Dropped without `close`: like a crash after the claim was made durable.
-        }
-        let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
-        clock.advance(lease.as_millis() as u64 - 1);
-        assert_eq!(
-            s.sweep().await.unwrap().expired,
-            0,
-            "swept before its lease"
-        );
-        clock.advance(1);
-        assert_eq!(s.sweep().await.unwrap().expired, 1);
-        assert!(s.is_empty());
-    }
-
-    /// A replay waits only for the flush of its own key's result: once `complete` returned, the
-    /// key is off the unflushed list (nothing leaks), and the replay answers at once.
-    #[tokio::test]
-    async fn completed_results_leave_the_unflushed_list() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(10_000_000));
-        let s = open_default(dir.path(), SyncPolicy::Always, clock).unwrap();
-        let fp = Fingerprint([1; 32]);
-        for i in 0..20u8 {
-            let key = StoreKey {
-                id: [i; 32],
-                scope: [0; 32],
-            };
-            let ClaimOutcome::Claimed { token } =
-                s.claim(&key, fp, Duration::from_secs(30)).await.unwrap()
-            else {
-                panic!("not claimed")
-            };
-            let result = NewResult {
-                status: 201,
-                headers: Vec::new(),
-                body: bytes::Bytes::from_static(b"ok"),
-                body_omitted: false,
-                seen_only: false,
-            };
-            let ttl = Duration::from_secs(60);
-            assert_eq!(
-                s.complete(&key, token, result, ttl).await.unwrap(),
-                Committed::Done
-            );
-            assert!(lock(&s.inner.unflushed).is_empty());
-            assert!(matches!(
-                s.claim(&key, fp, Duration::from_secs(30)).await.unwrap(),
-                ClaimOutcome::Completed(c) if c.body.as_ref() == b"ok"
-            ));
-        }
-    }
-
-    /// Two `complete`s of one key that overlap (the key was purged or expired in between) each remove
-    /// only their own unflushed entry, and a kept entry (failed flush) stays for the replays.
-    #[test]
-    fn unflushed_entries_belong_to_their_writer() {
-        let map = UnflushedMap::default();
-        let key = [7u8; 64];
-        let a = Unflushed::new(&map, key, 1);
-        a.covered_by(10);
-        let b = Unflushed::new(&map, key, 2);
-        drop(a);
-        assert_eq!(lock(&map).get(&key), Some(&(2, 0)), "A removed B's entry");
-        b.covered_by(11);
-        b.keep();
-        assert_eq!(
-            lock(&map).get(&key),
-            Some(&(2, 0)),
-            "a failed flush must stay listed"
-        );
-        remove_if(&map, &key, |e| e == (2, 0));
-        assert!(lock(&map).is_empty());
-    }
-
-    /// Claims a fresh key; its token.
-    async fn claimed(s: &SledStore, id: [u8; 32]) -> u64 {
-        let key = StoreKey { id, scope: [0; 32] };
-        match s
-            .claim(&key, Fingerprint([1; 32]), Duration::from_secs(5))
-            .await
-            .unwrap()
-        {
-            ClaimOutcome::Claimed { token } => token,
-            o => panic!("not claimed: {o:?}"),
-        }
-    }
-
-    /// Fencing tokens grow across a reopen (and across blocks of tokens).
-    #[tokio::test]
-    async fn tokens_grow_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(10_000_000));
-        let mut last = 0;
-        for round in 0..3u8 {
-            // sled's IO threads may hold the directory lock for a moment after the last handle is
-            // dropped (there is no event to wait for): retry the open, bounded.
-            let give_up = std::time::Instant::now() + Duration::from_secs(10);
-            let s = loop {
-                match open_default(dir.path(), SyncPolicy::Periodic, clock.clone()) {
-                    Ok(s) => break s,
-                    Err(e) if std::time::Instant::now() < give_up => {
-                        assert!(e.to_string().contains("lock"), "{e}");
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-            };
-            for i in 0..3u8 {
-                let token = claimed(&s, [round * 3 + i; 32]).await;
-                assert!(token > last, "token {token} after {last}");
-                last = token;
-            }
-            lock(&s.inner.tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
-            let token = claimed(&s, [99 - round; 32]).await;
-            assert!(token > last, "token {token} of a new block after {last}");
-            last = token;
-            s.close();
-            drop(s);
-        }
-    }
-
-    /// The walk resumes where the last sweep stopped and wraps around, so every record is reached
-    /// even when one sweep cannot look at them all.
-    #[tokio::test]
-    async fn the_sweep_walk_resumes_and_wraps_around() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(10_000_000));
-        let s = open_default(dir.path(), SyncPolicy::Periodic, clock.clone()).unwrap();
-        let ttl = Duration::from_secs(1);
-        let n = SWEEP_BATCH + SWEEP_BATCH / 2;
-        for i in 0..n as u32 {
-            let mut id = [0u8; 32];
-            id[..4].copy_from_slice(&i.to_be_bytes());
-            let key = StoreKey { id, scope: [0; 32] };
-            let ClaimOutcome::Claimed { token } =
-                s.claim(&key, Fingerprint([1; 32]), ttl).await.unwrap()
-            else {
-                panic!("not claimed")
-            };
-            let result = NewResult {
-                status: 200,
-                headers: Vec::new(),
-                body: bytes::Bytes::new(),
-                body_omitted: false,
-                seen_only: true,
-            };
-            s.complete(&key, token, result, ttl).await.unwrap();
-        }
-        clock.advance(1_000);
-        let first = s.sweep().await.unwrap();
-        assert_eq!((first.scanned, first.expired), (SWEEP_BATCH, SWEEP_BATCH));
-        let second = s.sweep().await.unwrap();
-        assert_eq!(second.expired, n - SWEEP_BATCH);
-        assert!(s.is_empty());
-    }
-}

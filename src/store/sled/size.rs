@@ -1,0 +1,97 @@
+//! `[store] max_size` for sled: the exact size of live records, and the check that refuses a new key
+//! once it is reached (503 `store-full`; replays and pass-through go on, and sweeping frees room).
+//!
+//! A record's size is its store key plus its encoded value (keys, headers, bodies: what a client can
+//! make the proxy keep). The count is taken by a scan when the store opens, so it is exact across
+//! restarts and crashes, and then moved by every compare-and-swap that succeeded, with the exact old
+//! and new values it swapped: it cannot drift under races, sweeps or purges. Only a claim is checked; a
+//! result is always recorded once its request ran, so the count may pass `max_size` by the results in
+//! flight (at most `upstream.max_concurrency` × `max_response_body`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{key::StoreKey, store::StoreError};
+
+/// Bytes of live records, against the cap.
+#[derive(Debug)]
+pub(super) struct Size {
+    used: AtomicU64,
+    max: u64,
+}
+
+/// The size counted for a record whose encoded value is `value_len` bytes.
+pub(super) fn record_size(value_len: usize) -> u64 {
+    (StoreKey::LEN + value_len) as u64
+}
+
+impl Size {
+    /// Counts the records of `tree` (one pass over it).
+    pub(super) fn count(tree: &sled::Tree, max: u64) -> Result<Self, StoreError> {
+        let mut used = 0u64;
+        for item in tree.iter() {
+            let (_, v) = item?;
+            used = used.saturating_add(record_size(v.len()));
+        }
+        Ok(Self {
+            used: AtomicU64::new(used),
+            max,
+        })
+    }
+
+    /// Whether a write that grows the records by `grow` bytes fits; `StoreError::Full` if not.
+    pub(super) fn admit(&self, grow: u64) -> Result<(), StoreError> {
+        let used = self.used();
+        if grow > 0 && used.saturating_add(grow) > self.max {
+            return Err(StoreError::Full(format!(
+                "{used} of {} bytes in live records",
+                self.max
+            )));
+        }
+        Ok(())
+    }
+
+    /// A record of `old` bytes (0: none) was replaced by one of `new` bytes (0: deleted).
+    pub(super) fn swapped(&self, old: u64, new: u64) {
+        if new >= old {
+            self.used.fetch_add(new - old, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub(old - new))
+                });
+        }
+    }
+
+    /// Bytes of live records now.
+    pub(super) fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// `[store] max_size`.
+    pub(super) fn max(&self) -> u64 {
+        self.max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_growth_past_the_cap_and_follows_every_swap() {
+        let s = Size {
+            used: AtomicU64::new(0),
+            max: 1000,
+        };
+        s.swapped(0, 600);
+        assert!(s.admit(400).is_ok());
+        assert!(matches!(s.admit(401), Err(StoreError::Full(_))));
+        assert!(s.admit(0).is_ok(), "a swap that does not grow always fits");
+        s.swapped(600, 100);
+        assert_eq!(s.used(), 100);
+        s.swapped(100, 0);
+        s.swapped(5, 0);
+        assert_eq!(s.used(), 0, "never below zero");
+    }
+}

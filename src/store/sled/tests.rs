@@ -1,0 +1,176 @@
+//! Unit tests of the sled backend's own machinery (the shared behaviour is in `store::conformance`).
+
+use super::{unflushed::*, *};
+use crate::clock::ManualClock;
+
+/// A claim left by a crash (no clean close) is swept after its lease by the walk over the records.
+#[tokio::test]
+async fn claims_left_by_a_crash_are_swept_after_their_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let key = StoreKey {
+        id: [3; 32],
+        scope: [4; 32],
+    };
+    let lease = Duration::from_secs(30);
+    {
+        let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+        assert!(matches!(
+            s.claim(&key, Fingerprint([1; 32]), lease).await.unwrap(),
+            ClaimOutcome::Claimed { .. }
+        ));
+        // Dropped without `close`: like a crash after the claim was made durable.
+    }
+    let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+    clock.advance(lease.as_millis() as u64 - 1);
+    assert_eq!(
+        s.sweep().await.unwrap().expired,
+        0,
+        "swept before its lease"
+    );
+    clock.advance(1);
+    assert_eq!(s.sweep().await.unwrap().expired, 1);
+    assert!(s.is_empty());
+}
+
+/// A replay waits only for the flush of its own key's result: once `complete` returned, the
+/// key is off the unflushed list (nothing leaks), and the replay answers at once.
+#[tokio::test]
+async fn completed_results_leave_the_unflushed_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let s = open_default(dir.path(), SyncPolicy::Always, clock).unwrap();
+    let fp = Fingerprint([1; 32]);
+    for i in 0..20u8 {
+        let key = StoreKey {
+            id: [i; 32],
+            scope: [0; 32],
+        };
+        let ClaimOutcome::Claimed { token } =
+            s.claim(&key, fp, Duration::from_secs(30)).await.unwrap()
+        else {
+            panic!("not claimed")
+        };
+        let result = NewResult {
+            status: 201,
+            headers: Vec::new(),
+            body: bytes::Bytes::from_static(b"ok"),
+            body_omitted: false,
+            seen_only: false,
+        };
+        let ttl = Duration::from_secs(60);
+        assert_eq!(
+            s.complete(&key, token, result, ttl).await.unwrap(),
+            Committed::Done
+        );
+        assert!(lock(&s.inner.unflushed).is_empty());
+        assert!(matches!(
+            s.claim(&key, fp, Duration::from_secs(30)).await.unwrap(),
+            ClaimOutcome::Completed(c) if c.body.as_ref() == b"ok"
+        ));
+    }
+}
+
+/// Two `complete`s of one key that overlap (the key was purged or expired in between) each remove
+/// only their own unflushed entry, and a kept entry (failed flush) stays for the replays.
+#[test]
+fn unflushed_entries_belong_to_their_writer() {
+    let map = UnflushedMap::default();
+    let key = [7u8; 64];
+    let a = Unflushed::new(&map, key, 1);
+    a.covered_by(10);
+    let b = Unflushed::new(&map, key, 2);
+    drop(a);
+    assert_eq!(lock(&map).get(&key), Some(&(2, 0)), "A removed B's entry");
+    b.covered_by(11);
+    b.keep();
+    assert_eq!(
+        lock(&map).get(&key),
+        Some(&(2, 0)),
+        "a failed flush must stay listed"
+    );
+    remove_if(&map, &key, |e| e == (2, 0));
+    assert!(lock(&map).is_empty());
+}
+
+/// Claims a fresh key; its token.
+async fn claimed(s: &SledStore, id: [u8; 32]) -> u64 {
+    let key = StoreKey { id, scope: [0; 32] };
+    match s
+        .claim(&key, Fingerprint([1; 32]), Duration::from_secs(5))
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Claimed { token } => token,
+        o => panic!("not claimed: {o:?}"),
+    }
+}
+
+/// Fencing tokens grow across a reopen (and across blocks of tokens).
+#[tokio::test]
+async fn tokens_grow_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let mut last = 0;
+    for round in 0..3u8 {
+        // sled's IO threads may hold the directory lock for a moment after the last handle is
+        // dropped (there is no event to wait for): retry the open, bounded.
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match open_default(dir.path(), SyncPolicy::Periodic, clock.clone()) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < give_up => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        for i in 0..3u8 {
+            let token = claimed(&s, [round * 3 + i; 32]).await;
+            assert!(token > last, "token {token} after {last}");
+            last = token;
+        }
+        lock(&s.inner.tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
+        let token = claimed(&s, [99 - round; 32]).await;
+        assert!(token > last, "token {token} of a new block after {last}");
+        last = token;
+        s.close();
+        drop(s);
+    }
+}
+
+/// The walk resumes where the last sweep stopped and wraps around, so every record is reached
+/// even when one sweep cannot look at them all.
+#[tokio::test]
+async fn the_sweep_walk_resumes_and_wraps_around() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let s = open_default(dir.path(), SyncPolicy::Periodic, clock.clone()).unwrap();
+    let ttl = Duration::from_secs(1);
+    let n = SWEEP_BATCH + SWEEP_BATCH / 2;
+    for i in 0..n as u32 {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let key = StoreKey { id, scope: [0; 32] };
+        let ClaimOutcome::Claimed { token } =
+            s.claim(&key, Fingerprint([1; 32]), ttl).await.unwrap()
+        else {
+            panic!("not claimed")
+        };
+        let result = NewResult {
+            status: 200,
+            headers: Vec::new(),
+            body: bytes::Bytes::new(),
+            body_omitted: false,
+            seen_only: true,
+        };
+        s.complete(&key, token, result, ttl).await.unwrap();
+    }
+    clock.advance(1_000);
+    let first = s.sweep().await.unwrap();
+    assert_eq!((first.scanned, first.expired), (SWEEP_BATCH, SWEEP_BATCH));
+    let second = s.sweep().await.unwrap();
+    assert_eq!(second.expired, n - SWEEP_BATCH);
+    assert!(s.is_empty());
+}
