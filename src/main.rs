@@ -84,7 +84,10 @@ fn block_on(f: impl std::future::Future<Output = anyhow::Result<Drain>>) -> Exit
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(f) {
+    let result = rt.block_on(f);
+    // Blocking work that cannot finish (a store stuck on a full disk) must not hold up the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(Drain::Complete) => ExitCode::SUCCESS,
         Ok(Drain::TimedOut) => ExitCode::FAILURE,
         Err(e) => {

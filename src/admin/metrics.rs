@@ -326,10 +326,10 @@ impl InflightGuard {
 
     /// An upstream exchange.
     pub fn upstream() -> Self {
-        Self::up(
-            HOT.get()
-                .map_or_else(|| gauge!("idemproxy_upstream_inflight"), |h| h.upstream.clone()),
-        )
+        Self::up(HOT.get().map_or_else(
+            || gauge!("idemproxy_upstream_inflight"),
+            |h| h.upstream.clone(),
+        ))
     }
 
     /// A duplicate waiting for its first request.

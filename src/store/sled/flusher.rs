@@ -40,6 +40,10 @@ use crate::store::StoreError;
 /// Longest a flush is held back for writers known to be coming.
 pub(crate) const MAX_WINDOW: Duration = Duration::from_millis(2);
 
+/// A flush that has not returned after this long is stuck (the store is then not ready, and is not
+/// waited for at shutdown).
+pub(crate) const STALL: Duration = Duration::from_secs(2);
+
 /// A writer waiting for its write to be durable.
 struct Waiter {
     seq: u64,
@@ -78,6 +82,8 @@ struct Shared {
     flushed: AtomicU64,
     flushes: AtomicU64,
     failed: AtomicBool,
+    /// When the flush in progress started (unix ms; 0: none in progress).
+    flushing_since: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -126,6 +132,7 @@ impl Flusher {
             flushed: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            flushing_since: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         let handle = thread::Builder::new()
@@ -200,6 +207,19 @@ impl Flusher {
         self.shared.failed.load(Ordering::SeqCst)
     }
 
+    /// How long the flush in progress has been running, if longer than [`STALL`].
+    pub(crate) fn stalled(&self) -> Option<Duration> {
+        let since = self.shared.flushing_since.load(Ordering::SeqCst);
+        let running = Duration::from_millis(unix_ms().saturating_sub(since));
+        (since != 0 && running > STALL).then_some(running)
+    }
+
+    /// Lets the thread go without waiting for it (it is stuck in a flush that will not return).
+    pub(crate) fn detach(&self) {
+        lock(&self.shared.state).stop = true;
+        drop(self.thread.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
     /// Counters so far.
     pub(crate) fn stats(&self) -> FlushStats {
         FlushStats {
@@ -256,6 +276,7 @@ fn run(db: &sled::Db, mut disk: DiskSync, s: &Shared, every: Option<Duration>) {
         // Read the target before flushing: every write numbered <= target completed before this point.
         let target = s.written.load(Ordering::SeqCst);
         let started = Instant::now();
+        s.flushing_since.store(unix_ms().max(1), Ordering::SeqCst);
         // sled's flush only `sync_file_range`s its log: the fsyncs that make it survive a power cut
         // follow, before any waiter hears that its write is durable (see `disk_sync`).
         let result = db
@@ -263,6 +284,7 @@ fn run(db: &sled::Db, mut disk: DiskSync, s: &Shared, every: Option<Duration>) {
             .map(|_| ())
             .and_then(|()| disk.after_flush().map_err(sled::Error::Io))
             .map_err(Arc::new);
+        s.flushing_since.store(0, Ordering::SeqCst);
         last_flush = started.elapsed();
         s.flushes.fetch_add(1, Ordering::Relaxed);
         s.failed.store(result.is_err(), Ordering::SeqCst);
@@ -316,6 +338,12 @@ fn window<'a>(
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A sled error shared by every waiter of one failed flush.

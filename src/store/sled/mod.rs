@@ -32,6 +32,7 @@ use async_trait::async_trait;
 mod disk_sync;
 mod flusher;
 mod size;
+mod space;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ use self::{
     disk_sync::DiskSync,
     flusher::{FlushStats, Flusher},
     size::{record_size, Size},
+    space::{SpaceGuard, CLAIM_RESERVE, RESULT_RESERVE},
     sweep::{Walk, SWEEP_BATCH},
     unflushed::{lock, remove_if, Unflushed, UnflushedMap},
 };
@@ -55,7 +57,6 @@ use crate::{
     config::SyncPolicy,
     key::{Fingerprint, StoreKey},
 };
-
 
 /// How the sled store is opened.
 #[derive(Debug, Clone)]
@@ -77,8 +78,6 @@ pub struct SledOptions {
 pub struct SledStore {
     inner: Arc<Inner>,
 }
-
-
 
 /// Abandons a claim whose `claim` call was dropped before it returned.
 struct AbandonOnDrop<'a> {
@@ -126,6 +125,8 @@ struct Inner {
     tokens: Mutex<Tokens>,
     /// Bytes of live records, against `max_size`.
     size: Size,
+    /// Free disk space, checked before each write.
+    space: SpaceGuard,
     watchers: Arc<Watchers>,
     clock: Arc<dyn Clock>,
 }
@@ -195,6 +196,7 @@ impl SledStore {
                 unflushed: Mutex::default(),
                 tokens: Mutex::new(Tokens { block, used: 0 }),
                 size,
+                space: SpaceGuard::new(opts.path.clone()),
                 watchers: Arc::default(),
                 clock,
             }),
@@ -223,7 +225,18 @@ impl SledStore {
 
     /// Final flush and stop of the flusher thread. Claims still in flight stay in the tree; after their
     /// lease the sweeper (or a retry) takes them over, as after a crash.
+    ///
+    /// A store whose flush is stuck (sled wedged after an I/O error, see `space`) is left as it is:
+    /// its flusher thread is not waited for, and the database is never dropped (sled's drop flushes,
+    /// and would block the process's exit forever).
     pub fn close(&self) {
+        if self.inner.flusher.stalled().is_some() {
+            tracing::error!("the store's flush is stuck: exiting without a final flush");
+            std::mem::forget(self.inner.db.clone());
+            std::mem::forget(self.inner.records.clone());
+            self.inner.flusher.detach();
+            return;
+        }
         self.inner.flusher.stop();
         let _ = self.inner.db.flush();
     }
@@ -390,6 +403,7 @@ impl Store for SledStore {
                 record_size(encoded.len()),
             );
             s.size.admit(sizes.1.saturating_sub(sizes.0))?;
+            s.space.admit(sizes.1, CLAIM_RESERVE)?;
             // Live before it is written: the sweeper must never see this claim without its owner
             // (with a lease of a few ms it could otherwise delete it as lapsed).
             s.live.insert(token, (*key, encoded.clone()));
@@ -454,9 +468,11 @@ impl Store for SledStore {
             });
             // Listed as unflushed before the CAS, so a replay that sees the result also sees the
             // entry; removed (by the guard) once the flush returned, or if this write did not happen.
+            let encoded = rec.encode();
+            s.space.admit(record_size(encoded.len()), RESULT_RESERVE)?;
             let pending =
                 (s.sync == SyncPolicy::Always).then(|| Unflushed::new(&s.unflushed, kb, token));
-            let swapped = s.cas(&kb, Some(&cur), Some(rec.encode()));
+            let swapped = s.cas(&kb, Some(&cur), Some(encoded));
             let seq = s.flusher.wrote();
             if let Some(p) = &pending {
                 p.covered_by(seq);
@@ -479,6 +495,7 @@ impl Store for SledStore {
         let s = &*self.inner;
         let kb = key.to_bytes();
         let mut known = s.live.get(token).map(|(_, bytes)| bytes);
+        s.space.admit(0, RESULT_RESERVE)?;
         loop {
             let Some((cur, _)) = s.current_claim(&kb, token, known.take())? else {
                 return Ok(Committed::Stale);
@@ -522,6 +539,7 @@ impl Store for SledStore {
 
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
         let s = &*self.inner;
+        s.space.admit(0, RESULT_RESERVE)?;
         let mut n = 0;
         for item in s.records.scan_prefix(id) {
             let (k, v) = item?;
@@ -551,6 +569,8 @@ impl Store for SledStore {
     }
 
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
+        // Deleting writes too (sled logs it): not on a disk that is about full.
+        self.inner.space.admit(0, RESULT_RESERVE)?;
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || inner.sweep_blocking())
             .await
@@ -567,6 +587,13 @@ impl Store for SledStore {
                 "the last flush to disk failed",
             )));
         }
+        if let Some(d) = self.inner.flusher.stalled() {
+            return Err(backend_err(std::io::Error::other(format!(
+                "a flush to disk has not returned for {d:?}"
+            ))));
+        }
+        // Not ready while new keys would be refused for want of space.
+        self.inner.space.admit(0, CLAIM_RESERVE)?;
         self.inner.records.get([0u8; 1])?;
         Ok(())
     }
@@ -608,4 +635,3 @@ pub fn open_default(
         clock,
     )
 }
-
