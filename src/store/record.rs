@@ -9,7 +9,8 @@
 //!             2 = seen only) | status u16 | header count u16 | (name len u16, name, value len u32,
 //!             value)* | body len u32 | body
 //! ```
-//! Decoding checks every length, so a corrupt or truncated record is an error, never a panic.
+//! Decoding checks every length, so a corrupt or truncated record is an error, never a panic. State 3
+//! is taken by the sled backend's stub of a large record kept in chunks (see `store::sled::chunks`).
 
 use bytes::Bytes;
 
@@ -96,7 +97,9 @@ impl Record {
         };
         match bytes.get(..2)? {
             [SCHEMA_VERSION, TAG_IN_FLIGHT] => Some((Some(at(2)?), at(18)?)),
-            [SCHEMA_VERSION, TAG_COMPLETED] => Some((None, at(10)?)),
+            // 3: the sled backend's stub of a record stored in chunks, with its expiry in the
+            // same place as a completed record's.
+            [SCHEMA_VERSION, TAG_COMPLETED | 3] => Some((None, at(10)?)),
             _ => None,
         }
     }

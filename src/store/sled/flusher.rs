@@ -67,6 +67,8 @@ struct State {
     listening: bool,
     /// The flusher is holding a flush back (commit window): wake it only once every live claim waits.
     windowed: bool,
+    /// A flush was asked for without a waiter (see `Flusher::check`).
+    forced: bool,
     stop: bool,
 }
 
@@ -123,6 +125,7 @@ impl Flusher {
         disk: DiskSync,
         every: Option<Duration>,
         live: LiveClaims,
+        on_failure: Box<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::default(),
@@ -137,7 +140,7 @@ impl Flusher {
         let s = Arc::clone(&shared);
         let handle = thread::Builder::new()
             .name("idemproxy-flush".into())
-            .spawn(move || run(&db, disk, &s, every))?;
+            .spawn(move || run(&db, disk, &s, every, &*on_failure))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(handle)),
@@ -220,6 +223,13 @@ impl Flusher {
         drop(self.thread.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
+    /// Asks for a flush now, whether or not a write waits for one: after a failed operation, a flush
+    /// tells whether sled can still write (and reports the failure if not).
+    pub(crate) fn check(&self) {
+        lock(&self.shared.state).forced = true;
+        self.shared.wake.notify_one();
+    }
+
     /// Counters so far.
     pub(crate) fn stats(&self) -> FlushStats {
         FlushStats {
@@ -245,14 +255,20 @@ impl Drop for Flusher {
     }
 }
 
-fn run(db: &sled::Db, mut disk: DiskSync, s: &Shared, every: Option<Duration>) {
+fn run(
+    db: &sled::Db,
+    mut disk: DiskSync,
+    s: &Shared,
+    every: Option<Duration>,
+    on_failure: &(dyn Fn() + Send + Sync),
+) {
     // Wall time of the last flush: the commit window is at most about one flush long.
     let mut last_flush = Duration::ZERO;
     loop {
         let stop = {
             let mut st = lock(&s.state);
             st.listening = true;
-            while st.waiters.is_empty() && !st.stop {
+            while st.waiters.is_empty() && !st.stop && !st.forced {
                 match every {
                     Some(d) => {
                         let (g, timeout) = s
@@ -268,6 +284,7 @@ fn run(db: &sled::Db, mut disk: DiskSync, s: &Shared, every: Option<Duration>) {
                 }
             }
             st.listening = false;
+            st.forced = false;
             if every.is_none() && !st.stop {
                 st = window(s, st, last_flush.min(MAX_WINDOW));
             }
@@ -302,6 +319,11 @@ fn run(db: &sled::Db, mut disk: DiskSync, s: &Shared, every: Option<Duration>) {
         };
         for w in ready {
             let _ = w.tx.send(result.clone());
+        }
+        if let Err(e) = &result {
+            // sled keeps failing after a failed write, until it is opened again (see `reopen`).
+            tracing::error!(error = %e, "flush to disk failed");
+            on_failure();
         }
         if stop {
             let st = lock(&s.state);

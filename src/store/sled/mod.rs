@@ -27,10 +27,13 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 
+mod chunks;
 mod disk_sync;
 mod flusher;
+mod reopen;
 mod size;
 mod space;
 mod sweep;
@@ -39,6 +42,7 @@ mod tests;
 mod unflushed;
 
 use self::{
+    chunks::{Stub, INLINE_MAX},
     disk_sync::DiskSync,
     flusher::{FlushStats, Flusher},
     size::{record_size, Size},
@@ -76,7 +80,24 @@ pub struct SledOptions {
 /// The sled store. Cheap to clone (shared inside).
 #[derive(Debug, Clone)]
 pub struct SledStore {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+}
+
+/// What outlives one open sled database: the store is reopened in place after a write error (see
+/// `reopen`), and claims, watchers and settings carry over.
+#[derive(Debug)]
+struct Shared {
+    /// The open database; `None` while it is being reopened.
+    current: ArcSwapOption<Inner>,
+    opts: SledOptions,
+    clock: Arc<dyn Clock>,
+    /// Claims whose owner is alive in this process (see `Inner::live`).
+    live: Arc<LiveOwners<(StoreKey, sled::IVec)>>,
+    watchers: Arc<Watchers>,
+    /// A reopen is under way.
+    reopening: std::sync::atomic::AtomicBool,
+    /// Called by the flusher when a flush fails: starts a reopen.
+    hook: reopen::Hook,
 }
 
 /// Abandons a claim whose `claim` call was dropped before it returned.
@@ -111,6 +132,10 @@ const TOKEN_BITS: u32 = 20;
 struct Inner {
     db: sled::Db,
     records: sled::Tree,
+    /// Pieces of large records (see `chunks`).
+    chunks: sled::Tree,
+    /// Large records assembled for replays still running.
+    assembled: chunks::Shared,
     /// The sweeper's walk over `records`.
     walk: Mutex<Walk>,
     flusher: Flusher,
@@ -147,6 +172,48 @@ impl From<sled::Error> for StoreError {
 impl SledStore {
     /// Opens (or creates) the store at `opts.path`. Fails at once if another process has it open.
     pub fn open(opts: &SledOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let live: Arc<LiveOwners<(StoreKey, sled::IVec)>> = Arc::default();
+        let watchers: Arc<Watchers> = Arc::default();
+        let hook = reopen::Hook::default();
+        let inner = Inner::open(
+            opts,
+            Arc::clone(&live),
+            Arc::clone(&watchers),
+            Arc::clone(&clock),
+            &hook,
+        )?;
+        let shared = Arc::new(Shared {
+            current: ArcSwapOption::from_pointee(inner),
+            opts: opts.clone(),
+            clock,
+            live,
+            watchers,
+            reopening: std::sync::atomic::AtomicBool::new(false),
+            hook,
+        });
+        shared.hook.arm(&shared);
+        Ok(Self { shared })
+    }
+
+    /// The open database, or a store error while it is being reopened.
+    fn inner(&self) -> Result<Arc<Inner>, StoreError> {
+        self.shared.current.load_full().ok_or_else(|| {
+            backend_err(std::io::Error::other(
+                "the store is being reopened after a write error",
+            ))
+        })
+    }
+}
+
+impl Inner {
+    /// Opens the database at `opts.path` (see [`SledStore::open`]).
+    fn open(
+        opts: &SledOptions,
+        live: Arc<LiveOwners<(StoreKey, sled::IVec)>>,
+        watchers: Arc<Watchers>,
+        clock: Arc<dyn Clock>,
+        hook: &reopen::Hook,
+    ) -> Result<Self, StoreError> {
         disk_sync::create_private_dir(&opts.path).map_err(backend_err)?;
         let db = sled::Config::new()
             .path(&opts.path)
@@ -174,53 +241,62 @@ impl SledStore {
             db.drop_tree("expiry")?;
         }
         let block = db.generate_id()?;
-        let size = Size::count(&records, opts.max_size)?;
+        let chunks = db.open_tree("chunks")?;
+        chunks::drop_orphans(&records, &chunks)?;
+        let size = Size::count(&[&records, &chunks], opts.max_size)?;
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
-        let live: Arc<LiveOwners<(StoreKey, sled::IVec)>> = Arc::default();
         let claims = Arc::clone(&live);
         disk_sync::make_private(&opts.path).map_err(backend_err)?;
         let disk = DiskSync::open(&opts.path).map_err(backend_err)?;
-        let flusher = Flusher::start(db.clone(), disk, every, Box::new(move || claims.len()))
-            .map_err(backend_err)?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                records,
-                walk: Mutex::new(Walk {
-                    batch: SWEEP_BATCH,
-                    ..Walk::default()
-                }),
-                flusher,
-                sync: opts.sync,
-                live,
-                unflushed: Mutex::default(),
-                tokens: Mutex::new(Tokens { block, used: 0 }),
-                size,
-                space: SpaceGuard::new(opts.path.clone()),
-                watchers: Arc::default(),
-                clock,
+        let flusher = Flusher::start(
+            db.clone(),
+            disk,
+            every,
+            Box::new(move || claims.len()),
+            hook.callback(),
+        )
+        .map_err(backend_err)?;
+        Ok(Inner {
+            db,
+            records,
+            chunks,
+            assembled: chunks::Shared::default(),
+            walk: Mutex::new(Walk {
+                batch: SWEEP_BATCH,
+                ..Walk::default()
             }),
+            flusher,
+            sync: opts.sync,
+            live,
+            unflushed: Mutex::default(),
+            tokens: Mutex::new(Tokens { block, used: 0 }),
+            size,
+            space: SpaceGuard::new(opts.path.clone()),
+            watchers,
+            clock,
         })
     }
+}
 
+impl SledStore {
     /// Bytes used on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.inner()?.db.size_on_disk()?)
     }
 
     /// Group-commit counters.
     pub fn flush_stats(&self) -> FlushStats {
-        self.inner.flusher.stats()
+        self.inner().map(|i| i.flusher.stats()).unwrap_or_default()
     }
 
     /// Number of records (live or not yet swept).
     pub fn len(&self) -> usize {
-        self.inner.records.len()
+        self.inner().map_or(0, |i| i.records.len())
     }
 
     /// Whether there are no records.
     pub fn is_empty(&self) -> bool {
-        self.inner.records.is_empty()
+        self.len() == 0
     }
 
     /// Final flush and stop of the flusher thread. Claims still in flight stay in the tree; after their
@@ -230,19 +306,27 @@ impl SledStore {
     /// its flusher thread is not waited for, and the database is never dropped (sled's drop flushes,
     /// and would block the process's exit forever).
     pub fn close(&self) {
-        if self.inner.flusher.stalled().is_some() {
+        let Ok(inner) = self.inner() else { return };
+        if inner.flusher.stalled().is_some() {
             tracing::error!("the store's flush is stuck: exiting without a final flush");
-            std::mem::forget(self.inner.db.clone());
-            std::mem::forget(self.inner.records.clone());
-            self.inner.flusher.detach();
+            inner.leak();
             return;
         }
-        self.inner.flusher.stop();
-        let _ = self.inner.db.flush();
+        inner.flusher.stop();
+        let _ = inner.db.flush();
     }
 }
 
 impl Inner {
+    /// Gives up on a database whose flush is stuck: its flusher thread is not waited for and the
+    /// database is never dropped (sled's drop flushes, and would block forever).
+    fn leak(&self) {
+        std::mem::forget(self.db.clone());
+        std::mem::forget(self.records.clone());
+        std::mem::forget(self.chunks.clone());
+        self.flusher.detach();
+    }
+
     /// A record that no longer counts: completed past its TTL, or a claim past its lease whose owner is
     /// not alive in this process.
     fn lapsed(&self, rec: &Record, now: u64) -> bool {
@@ -277,7 +361,7 @@ impl Inner {
         token: u64,
     ) -> Result<Option<(sled::IVec, InFlight)>, StoreError> {
         let cur = self.records.get(key)?;
-        if let Some(bytes) = cur {
+        if let Some(bytes) = cur.filter(|b| !chunks::is_stub(b)) {
             if let Record::InFlight(f) = Record::decode(&bytes)? {
                 if f.token == token {
                     return Ok(Some((bytes, f)));
@@ -322,27 +406,71 @@ impl Inner {
         old: Option<&sled::IVec>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        let sizes = (
-            old.map_or(0, |o| record_size(o.len())),
-            new.as_ref().map_or(0, |n| record_size(n.len())),
-        );
-        let swapped = self.records.compare_and_swap(key, old, new)?.is_ok();
-        if swapped {
-            self.size.swapped(sizes.0, sizes.1);
+        Ok(self.swap(key, old, new.map(sled::IVec::from))?.is_ok())
+    }
+
+    /// One compare-and-swap on `records`, with what follows one that took effect: the `max_size`
+    /// count moved by the exact sizes swapped (chunks included), and the chunks of a replaced stub
+    /// deleted. The inner `Err` holds the current value when another writer got there first.
+    fn swap(
+        &self,
+        key: &[u8; 64],
+        old: Option<&sled::IVec>,
+        new: Option<sled::IVec>,
+    ) -> Result<Result<(), Option<sled::IVec>>, StoreError> {
+        let weigh = |v: Option<&sled::IVec>| {
+            v.map_or(0, |v| {
+                record_size(v.len()) + Stub::parse(v).map_or(0, |st| st.chunk_bytes())
+            })
+        };
+        let sizes = (weigh(old), weigh(new.as_ref()));
+        match self.records.compare_and_swap(key, old, new)? {
+            Ok(()) => {
+                self.size.swapped(sizes.0, sizes.1);
+                if let Some(stub) = old.and_then(|o| Stub::parse(o)) {
+                    chunks::delete(&self.chunks, key, stub.token)?;
+                }
+                Ok(Ok(()))
+            }
+            Err(lost) => Ok(Err(lost.current)),
         }
-        Ok(swapped)
+    }
+
+    /// Decodes a stored value: an inline record (its body a slice of sled's buffer), or a stub
+    /// whose chunks are assembled once and shared by the replays that read it meanwhile.
+    fn read_record(&self, key: &[u8; 64], bytes: &sled::IVec) -> Result<Record, StoreError> {
+        let whole = match Stub::parse(bytes) {
+            Some(stub) => self.assembled.get(&self.chunks, key, &stub)?,
+            None => bytes::Bytes::from_owner(bytes.clone()),
+        };
+        Ok(Record::decode_shared(&whole)?)
     }
 }
 
-#[async_trait]
-impl Store for SledStore {
-    async fn claim(
+/// The operations themselves; the `Store` impl below passes their errors through [`SledStore::settled`].
+impl SledStore {
+    /// Passes `r` on; a failure that came from sled asks the flusher for a flush, which fails too if
+    /// sled is broken and then starts a reopen (see `reopen`). The space guard's refusals are not
+    /// sled's and change nothing.
+    fn settled<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Backend { source, .. }) = &r {
+            if source.downcast_ref::<sled::Error>().is_some() {
+                if let Ok(inner) = self.inner() {
+                    inner.flusher.check();
+                }
+            }
+        }
+        r
+    }
+
+    async fn do_claim(
         &self,
         key: &StoreKey,
         fp: Fingerprint,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let s = &*self.inner;
+        let inner = self.inner()?;
+        let s = &*inner;
         let kb = key.to_bytes();
         // Read first: retries and duplicates (replays, 409s) are answered from the read alone, with no
         // token, no live-owner entry and no failed write; a first-seen key then costs one
@@ -350,9 +478,13 @@ impl Store for SledStore {
         let mut cur = s.records.get(kb)?;
         loop {
             let now = s.clock.now_ms();
-            if let Some(bytes) = &cur {
-                // A replay's body stays a slice of sled's buffer (shared, not copied per replay).
-                let rec = Record::decode_shared(&bytes::Bytes::from_owner(bytes.clone()))?;
+            let lapsed_stub = cur
+                .as_deref()
+                .and_then(Stub::parse)
+                .is_some_and(|st| st.expires_ms <= now);
+            if let Some(bytes) = cur.as_ref().filter(|_| !lapsed_stub) {
+                // A replay's body is shared, not copied per replay (see `read_record`).
+                let rec = s.read_record(&kb, bytes)?;
                 if !s.lapsed(&rec, now) {
                     return Ok(match rec {
                         Record::InFlight(f) => ClaimOutcome::InFlight {
@@ -407,19 +539,17 @@ impl Store for SledStore {
             // Live before it is written: the sweeper must never see this claim without its owner
             // (with a lease of a few ms it could otherwise delete it as lapsed).
             s.live.insert(token, (*key, encoded.clone()));
-            let swapped = s
-                .records
-                .compare_and_swap(kb, cur.as_ref(), Some(encoded.clone()));
+            let swapped = s.swap(&kb, cur.as_ref(), Some(encoded.clone()));
             match swapped {
-                Ok(Ok(())) => s.size.swapped(sizes.0, sizes.1),
-                Ok(Err(lost)) => {
+                Ok(Ok(())) => {}
+                Ok(Err(current)) => {
                     s.live.remove(token);
-                    cur = lost.current; // a record exists, or changed since it was read: look at it
+                    cur = current; // a record exists, or changed since it was read: look at it
                     continue;
                 }
                 Err(e) => {
                     s.live.remove(token);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
             // If this future is dropped while it waits (the client went away), the claim must not
@@ -442,14 +572,15 @@ impl Store for SledStore {
         }
     }
 
-    async fn complete(
+    async fn do_complete(
         &self,
         key: &StoreKey,
         token: u64,
         result: NewResult,
         ttl: Duration,
     ) -> Result<Committed, StoreError> {
-        let s = &*self.inner;
+        let inner = self.inner()?;
+        let s = &*inner;
         let kb = key.to_bytes();
         let mut known = s.live.get(token).map(|(_, bytes)| bytes);
         loop {
@@ -466,13 +597,30 @@ impl Store for SledStore {
                 body_omitted: result.body_omitted,
                 seen_only: result.seen_only,
             });
+            let mut encoded = rec.encode();
+            s.space.admit(record_size(encoded.len()), RESULT_RESERVE)?;
+            // A large record goes to chunks, behind a stub (see `chunks`: sled must never write a
+            // blob). The chunks are written first; if the stub is not installed they are deleted.
+            let chunked = encoded.len() > INLINE_MAX;
+            if chunked {
+                let stub = Stub {
+                    created_ms: f.created_ms,
+                    expires_ms: rec.expiry_ms(),
+                    token,
+                    len: u32::try_from(encoded.len())
+                        .map_err(|_| backend_err(std::io::Error::other("record over 4 GiB")))?,
+                };
+                chunks::write(&s.chunks, &kb, token, &encoded)?;
+                encoded = stub.encode();
+            }
             // Listed as unflushed before the CAS, so a replay that sees the result also sees the
             // entry; removed (by the guard) once the flush returned, or if this write did not happen.
-            let encoded = rec.encode();
-            s.space.admit(record_size(encoded.len()), RESULT_RESERVE)?;
             let pending =
                 (s.sync == SyncPolicy::Always).then(|| Unflushed::new(&s.unflushed, kb, token));
             let swapped = s.cas(&kb, Some(&cur), Some(encoded));
+            if chunked && !matches!(swapped, Ok(true)) {
+                chunks::delete(&s.chunks, &kb, token)?;
+            }
             let seq = s.flusher.wrote();
             if let Some(p) = &pending {
                 p.covered_by(seq);
@@ -491,8 +639,9 @@ impl Store for SledStore {
         }
     }
 
-    async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
-        let s = &*self.inner;
+    async fn do_release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
+        let inner = self.inner()?;
+        let s = &*inner;
         let kb = key.to_bytes();
         let mut known = s.live.get(token).map(|(_, bytes)| bytes);
         s.space.admit(0, RESULT_RESERVE)?;
@@ -511,25 +660,29 @@ impl Store for SledStore {
         }
     }
 
-    async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        let s = &*self.inner;
+    async fn do_lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        let inner = self.inner()?;
+        let s = &*inner;
         let now = s.clock.now_ms();
-        let Some(bytes) = s.records.get(key.to_bytes())? else {
+        let kb = key.to_bytes();
+        let Some(bytes) = s.records.get(kb)? else {
             return Ok(None);
         };
-        let rec = Record::decode(&bytes)?;
+        let rec = s.read_record(&kb, &bytes)?;
         Ok((!matches!(&rec, Record::Completed(c) if c.expires_ms <= now)).then_some(rec))
     }
 
-    async fn list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError> {
-        let s = &*self.inner;
+    async fn do_list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError> {
+        let inner = self.inner()?;
+        let s = &*inner;
         let now = s.clock.now_ms();
         let mut out = Vec::new();
         for item in s.records.scan_prefix(id) {
             let (k, v) = item?;
-            let (Some(key), rec) = (StoreKey::from_bytes(&k), Record::decode(&v)?) else {
+            let Some(key) = StoreKey::from_bytes(&k) else {
                 continue;
             };
+            let rec = s.read_record(&key.to_bytes(), &v)?;
             if !matches!(&rec, Record::Completed(c) if c.expires_ms <= now) {
                 out.push((key, rec));
             }
@@ -537,8 +690,9 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
-        let s = &*self.inner;
+    async fn do_purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
+        let inner = self.inner()?;
+        let s = &*inner;
         s.space.admit(0, RESULT_RESERVE)?;
         let mut n = 0;
         for item in s.records.scan_prefix(id) {
@@ -557,44 +711,84 @@ impl Store for SledStore {
         s.durable(s.flusher.wrote()).await?;
         Ok(n)
     }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.settled(self.do_claim(key, fp, lease).await)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: u64,
+        result: NewResult,
+        ttl: Duration,
+    ) -> Result<Committed, StoreError> {
+        self.settled(self.do_complete(key, token, result, ttl).await)
+    }
+
+    async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
+        self.settled(self.do_release(key, token).await)
+    }
+
+    async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        self.settled(self.do_lookup(key).await)
+    }
+
+    async fn list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError> {
+        self.settled(self.do_list(id).await)
+    }
+
+    async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
+        self.settled(self.do_purge(id).await)
+    }
 
     fn watch(&self, key: &StoreKey) -> KeyWatch {
-        self.inner.watchers.subscribe(key)
+        self.shared.watchers.subscribe(key)
     }
 
     fn abandon(&self, token: u64) {
         // The owner died: its claim is no longer protected by a live owner, so after its lease a
         // retry takes it over or the sweeper's walk deletes it.
-        self.inner.live.remove(token);
+        self.shared.live.remove(token);
     }
 
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
         // Deleting writes too (sled logs it): not on a disk that is about full.
-        self.inner.space.admit(0, RESULT_RESERVE)?;
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.sweep_blocking())
+        let inner = self.inner()?;
+        inner.space.admit(0, RESULT_RESERVE)?;
+        let swept = tokio::task::spawn_blocking(move || inner.sweep_blocking())
             .await
-            .map_err(backend_err)?
+            .map_err(backend_err)?;
+        self.settled(swept)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flusher.durable_now().await
+        self.inner()?.flusher.durable_now().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.inner.flusher.failed() {
+        let inner = self.inner()?;
+        if inner.flusher.failed() {
             return Err(backend_err(std::io::Error::other(
                 "the last flush to disk failed",
             )));
         }
-        if let Some(d) = self.inner.flusher.stalled() {
+        if let Some(d) = inner.flusher.stalled() {
             return Err(backend_err(std::io::Error::other(format!(
                 "a flush to disk has not returned for {d:?}"
             ))));
         }
         // Not ready while new keys would be refused for want of space.
-        self.inner.space.admit(0, CLAIM_RESERVE)?;
-        self.inner.records.get([0u8; 1])?;
+        inner.space.admit(0, CLAIM_RESERVE)?;
+        inner.records.get([0u8; 1])?;
         Ok(())
     }
 
@@ -603,11 +797,14 @@ impl Store for SledStore {
     }
 
     fn stats(&self) -> super::BackendStats {
-        let f = self.inner.flusher.stats();
+        let Ok(inner) = self.inner() else {
+            return super::BackendStats::default();
+        };
+        let f = inner.flusher.stats();
         super::BackendStats {
-            size_on_disk: self.inner.db.size_on_disk().ok(),
-            live_bytes: Some(self.inner.size.used()),
-            max_size: Some(self.inner.size.max()),
+            size_on_disk: inner.db.size_on_disk().ok(),
+            live_bytes: Some(inner.size.used()),
+            max_size: Some(inner.size.max()),
             flushes: f.flushes,
             durable_writes: f.writes,
         }

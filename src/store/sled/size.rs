@@ -25,12 +25,14 @@ pub(super) fn record_size(value_len: usize) -> u64 {
 }
 
 impl Size {
-    /// Counts the records of `tree` (one pass over it).
-    pub(super) fn count(tree: &sled::Tree, max: u64) -> Result<Self, StoreError> {
+    /// Counts the entries of `trees` (one pass over each): records (a key is 64 bytes) and chunks.
+    pub(super) fn count(trees: &[&sled::Tree], max: u64) -> Result<Self, StoreError> {
         let mut used = 0u64;
-        for item in tree.iter() {
-            let (_, v) = item?;
-            used = used.saturating_add(record_size(v.len()));
+        for tree in trees {
+            for item in tree.iter() {
+                let (k, v) = item?;
+                used = used.saturating_add((k.len() + v.len()) as u64);
+            }
         }
         Ok(Self {
             used: AtomicU64::new(used),

@@ -5,7 +5,7 @@
 //! claims left by a crash, found without any scan at open). Reads check expiry themselves, so a lapsed
 //! record is never replayed while it waits for the sweeper; the walk only bounds disk use.
 
-use super::{size::record_size, unflushed::lock, Inner};
+use super::{unflushed::lock, Inner};
 use crate::store::{Record, StoreError, StoreKey, SweepStats};
 
 /// Fewest records one sweep looks at: a sweep is a bounded slice of the walk over `records` (about
@@ -75,13 +75,10 @@ impl Inner {
                 Some((None, expires)) => expires <= now,
                 None => false,
             };
-            if lapsed
-                && self
-                    .records
-                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
-                    .is_ok()
-            {
-                self.size.swapped(record_size(v.len()), 0);
+            let Ok(key) = <[u8; 64]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            if lapsed && self.swap(&key, Some(&v), None)?.is_ok() {
                 stats.expired += 1;
                 if let Some(key) = StoreKey::from_bytes(&k) {
                     self.watchers.notify(&key);

@@ -63,7 +63,7 @@ async fn completed_results_leave_the_unflushed_list() {
             s.complete(&key, token, result, ttl).await.unwrap(),
             Committed::Done
         );
-        assert!(lock(&s.inner.unflushed).is_empty());
+        assert!(lock(&s.inner().unwrap().unflushed).is_empty());
         assert!(matches!(
             s.claim(&key, fp, Duration::from_secs(30)).await.unwrap(),
             ClaimOutcome::Completed(c) if c.body.as_ref() == b"ok"
@@ -131,7 +131,7 @@ async fn tokens_grow_across_reopen() {
             assert!(token > last, "token {token} after {last}");
             last = token;
         }
-        lock(&s.inner.tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
+        lock(&s.inner().unwrap().tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
         let token = claimed(&s, [99 - round; 32]).await;
         assert!(token > last, "token {token} of a new block after {last}");
         last = token;
@@ -173,4 +173,86 @@ async fn the_sweep_walk_resumes_and_wraps_around() {
     let second = s.sweep().await.unwrap();
     assert_eq!(second.expired, n - SWEEP_BATCH);
     assert!(s.is_empty());
+}
+
+/// A result larger than a log item may be is kept in chunks: replayed whole, never written to one of
+/// sled's blob files (a failed blob write wedges sled for good), and its bytes are counted against
+/// `max_size` and freed by the sweeper (no chunk left behind).
+#[tokio::test]
+async fn large_results_are_chunked_counted_and_swept_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+    let key = StoreKey {
+        id: [5; 32],
+        scope: [0; 32],
+    };
+    let fp = Fingerprint([1; 32]);
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let ClaimOutcome::Claimed { token } = s.claim(&key, fp, Duration::from_secs(30)).await.unwrap()
+    else {
+        panic!("not claimed")
+    };
+    let result = NewResult {
+        status: 200,
+        headers: vec![("content-type".into(), bytes::Bytes::from_static(b"x/y"))],
+        body: bytes::Bytes::from(body.clone()),
+        body_omitted: false,
+        seen_only: false,
+    };
+    let ttl = Duration::from_secs(60);
+    s.complete(&key, token, result, ttl).await.unwrap();
+    let used = s.stats().live_bytes.unwrap();
+    assert!(used > 3_000_000, "chunks counted: {used}");
+    let replay = |s: SledStore| async move {
+        match s.claim(&key, fp, Duration::from_secs(30)).await.unwrap() {
+            ClaimOutcome::Completed(c) => c,
+            o => panic!("not a replay: {o:?}"),
+        }
+    };
+    let a = replay(s.clone()).await;
+    let b = replay(s.clone()).await;
+    assert_eq!(a.body, body);
+    assert_eq!(
+        a.body.as_ptr(),
+        b.body.as_ptr(),
+        "two replays share one copy"
+    );
+    s.flush().await.unwrap();
+    let blobs = std::fs::read_dir(dir.path().join("blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "sled wrote a blob file");
+    drop((a, b));
+    clock.advance(ttl.as_millis() as u64);
+    assert_eq!(s.sweep().await.unwrap().expired, 1);
+    assert_eq!(s.stats().live_bytes, Some(0), "every byte freed");
+    assert!(s.inner().unwrap().chunks.is_empty(), "chunks left behind");
+}
+
+/// Chunks written by a `complete` that never installed its stub (a crash between the two) are
+/// dropped when the store opens again.
+#[tokio::test]
+async fn orphan_chunks_are_dropped_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    {
+        let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+        super::chunks::write(&s.inner().unwrap().chunks, &[9; 64], 77, &[1u8; 10_000]).unwrap();
+        s.flush().await.unwrap();
+        s.close();
+    }
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        match open_default(dir.path(), SyncPolicy::Always, clock.clone()) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < give_up => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(s.inner().unwrap().chunks.is_empty());
+    assert_eq!(s.stats().live_bytes, Some(0));
 }
