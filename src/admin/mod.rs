@@ -111,6 +111,8 @@ impl Admin {
                 }
             }
             (Method::GET, "/metrics") => {
+                // Store gauges (live bytes, size on disk) as of this scrape, not of the last sweep.
+                metrics::store_stats(&self.store.stats());
                 let mut r = Response::new(full(metrics::render()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

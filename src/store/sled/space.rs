@@ -24,7 +24,7 @@ pub(super) const CLAIM_RESERVE: u64 = 4 << 20;
 /// blob file for it).
 pub(super) const RESULT_RESERVE: u64 = 1 << 20;
 /// How long one `statvfs` reading is trusted.
-const REFRESH: Duration = Duration::from_millis(20);
+const REFRESH: Duration = Duration::from_millis(1);
 
 /// Free space of the data dir's file system, read at most every [`REFRESH`].
 #[derive(Debug)]
