@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
 # Runs every test: unit, store conformance and model-based tests (memory, sled, Redis), and the
-# real-binary integration tests. The Redis tests start their own redis-server on 127.0.0.1 and fail
-# (never skip) without one, so this installs Debian's redis-server first when it is missing.
+# real-binary integration tests. Some tests need real parts, never mocks:
+# - the Redis tests start their own redis-server on 127.0.0.1 (Debian's redis-server);
+# - the full-disk tests mount a small tmpfs (root);
+# - the power-loss test runs the data dir on a FUSE file system that drops unsynced writes
+#   (tests/support/lazyfs.py: python3 with fusepy, libfuse2, fuse3, /dev/fuse).
+# As root on Debian this installs what is missing; otherwise it says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2' || need_apt+=(libfuse2)
+if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test.sh: installing redis-server (Debian package)" >&2
+    echo "test.sh: installing ${need_apt[*]} (Debian packages)" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
-    echo "test.sh: redis-server is required (e.g. sudo apt-get install redis-server)" >&2
+    echo "test.sh: please install ${need_apt[*]} (e.g. sudo apt-get install ${need_apt[*]})" >&2
     exit 1
   fi
+fi
+if ! python3 -c 'import fuse' >/dev/null 2>&1; then
+  echo "test.sh: installing fusepy (PyPI) for the power-loss test" >&2
+  python3 -m pip install -q fusepy
 fi
 
 exec cargo test "$@"
