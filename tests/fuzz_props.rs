@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use idemproxy::{
-    config::{Config, ConfigErrors, Overrides},
+    config::{bounds, Config, ConfigErrors, Overrides},
     key::{canonical_json, json_pointer_key, Fingerprint, IdempotencyKey, JsonKeyError, StoreKey},
     store::{Completed, InFlight, Record},
 };
@@ -402,12 +402,21 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "request_timeout",
             "header_read_timeout",
             "shutdown_grace",
+            "idle_timeout",
+            "max_connections",
+            "trusted_proxies",
             "tls",
         ],
     ),
     (
         "upstream",
-        &["url", "connect_timeout", "timeout", "ca_file"],
+        &[
+            "url",
+            "connect_timeout",
+            "timeout",
+            "max_concurrency",
+            "ca_file",
+        ],
     ),
     (
         "store",
@@ -417,6 +426,8 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "sync",
             "cache_capacity",
             "sweep_interval",
+            "max_size",
+            "timeout",
             "redis_url",
             "key_prefix",
         ],
@@ -435,6 +446,7 @@ const RULE_KEYS: &[&str] = &[
     "on_in_flight",
     "wait_timeout",
     "scope_headers",
+    "scope_cookies",
     "fingerprint_headers",
     "fingerprint",
     "release_statuses",
@@ -547,6 +559,111 @@ proptest! {
         if let Err(e) = Config::parse(REFERENCE, &o) {
             check_errors(&e)?;
         }
+    }
+}
+
+/// A duration as a config file may spell it: in range, zero, tiny, huge, or beyond what a `u64` holds.
+fn any_duration() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (0u64..5_000_000_000).prop_map(|ms| format!("{ms}ms")),
+        (0u64..u64::MAX).prop_map(|ns| format!("{ns}ns")),
+        (0u64..1_000_000_000).prop_map(|y| format!("{y}y")),
+        Just("0s".to_string()),
+        Just("1ns".to_string()),
+        Just("18446744073709551615s".to_string()),
+        Just("99999999999999999999999d".to_string()),
+    ]
+}
+
+/// A size or count as a config file may spell it.
+fn any_size() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        (0u64..100_000).prop_map(|n| format!("\"{n}GiB\"")),
+        (0u64..u64::MAX).prop_map(|n| format!("\"{n}TiB\"")),
+        Just("0".to_string()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Every duration, size and count: a value out of its bounds (zero included) fails with that key's
+    /// path; a value that is accepted is within the bounds; nothing panics.
+    #[test]
+    fn every_duration_size_and_count_is_bounded(
+        d_pick in any::<prop::sample::Index>(),
+        d in any_duration(),
+        n_pick in any::<prop::sample::Index>(),
+        n in any_size(),
+    ) {
+        let (key, b) = bounds::DURATIONS[d_pick.index(bounds::DURATIONS.len())];
+        let text = keyed_config(key, &format!("\"{d}\""));
+        match Config::parse(&text, &Overrides::default()) {
+            Ok(c) => {
+                let got = duration_of(&c, key);
+                prop_assert!(b.contains(got), "{} = {} accepted as {:?}", key, d, got);
+            }
+            Err(e) => {
+                check_errors(&e)?;
+                prop_assert!(e.0.iter().any(|p| p.path == key), "{} = {}: {}", key, d, e);
+            }
+        }
+        let sizes: Vec<(&str, bounds::Bounds<u64>)> =
+            bounds::SIZES.iter().chain(bounds::COUNTS.iter()).copied().collect();
+        let (key, b) = sizes[n_pick.index(sizes.len())];
+        let text = keyed_config(key, &n);
+        match Config::parse(&text, &Overrides::default()) {
+            Ok(c) => {
+                let got = size_of(&c, key);
+                prop_assert!(b.contains(got), "{} = {} accepted as {}", key, n, got);
+            }
+            Err(e) => {
+                check_errors(&e)?;
+                prop_assert!(e.0.iter().any(|p| p.path == key), "{} = {}: {}", key, n, e);
+            }
+        }
+    }
+}
+
+/// A config that sets `key` (`section.name` or `server.tls.name`) to `value`.
+fn keyed_config(key: &str, value: &str) -> String {
+    let (section, name) = key.rsplit_once('.').unwrap();
+    if section == "server.tls" {
+        return format!(
+            "[server]\ntls = {{ cert = \"c.pem\", key = \"k.pem\", {name} = {value} }}\n"
+        );
+    }
+    format!("[{section}]\n{name} = {value}\n")
+}
+
+fn duration_of(c: &Config, key: &str) -> std::time::Duration {
+    match key {
+        "server.request_timeout" => c.server.request_timeout,
+        "server.header_read_timeout" => c.server.header_read_timeout,
+        "server.shutdown_grace" => c.server.shutdown_grace,
+        "server.idle_timeout" => c.server.idle_timeout,
+        "server.tls.handshake_timeout" => c.server.tls.as_ref().unwrap().handshake_timeout,
+        "upstream.connect_timeout" => c.upstream.connect_timeout,
+        "upstream.timeout" => c.upstream.timeout,
+        "store.sweep_interval" => c.store.sweep_interval,
+        "store.timeout" => c.store.timeout,
+        "defaults.ttl" => c.defaults.ttl,
+        "defaults.lease" => c.defaults.lease,
+        "defaults.wait_timeout" => c.defaults.wait_timeout,
+        other => panic!("unknown duration key {other}"),
+    }
+}
+
+fn size_of(c: &Config, key: &str) -> u64 {
+    match key {
+        "server.max_request_body" => c.server.max_request_body,
+        "server.max_response_body" => c.server.max_response_body,
+        "store.cache_capacity" => c.store.cache_capacity,
+        "store.max_size" => c.store.max_size,
+        "server.max_connections" => c.server.max_connections as u64,
+        "upstream.max_concurrency" => c.upstream.max_concurrency as u64,
+        other => panic!("unknown size key {other}"),
     }
 }
 
