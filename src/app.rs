@@ -77,7 +77,9 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
         Backend::Redis => {
             // Validation guarantees a URL with backend = "redis".
             let url = config.store.redis_url.as_deref().unwrap_or_default();
-            let opts = RedisOptions::new(url, &config.store.key_prefix);
+            let mut opts = RedisOptions::new(url, &config.store.key_prefix);
+            // A frozen Redis is a store error within `[store] timeout` (rule 14).
+            opts.op_timeout = config.store.timeout;
             let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
                 path: redacted_url(url),
                 source,

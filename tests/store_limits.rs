@@ -320,3 +320,90 @@ async fn expired_records_free_room_under_max_size() {
     .await;
     assert!(scrape(&p, "idemproxy_records_expired_total").await >= 1.0);
 }
+
+/// Rule 14 with Redis: a frozen Redis (SIGSTOP) gives 503 `store-unavailable` within `[store] timeout`,
+/// `/readyz` 503 and pass-through unaffected; once it runs again the proxy takes keys by itself, and
+/// what was acknowledged before is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_gets_503_within_the_timeout_and_the_proxy_recovers() {
+    let redis = common::redis::RedisServer::start();
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .store("timeout = \"1s\"")
+        .arg("--redis-url")
+        .arg(&redis.url())
+        .start()
+        .await;
+    post_key(p.addr, "/echo", "before", "b")
+        .await
+        .assert_forwarded(201, b"b");
+    let pid = redis.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let t0 = Instant::now();
+    let r = post_key(p.addr, "/echo", "frozen-1", "x").await;
+    let waited = t0.elapsed();
+    signal("-CONT");
+    r.assert_problem(503, "store-unavailable");
+    assert!(
+        waited < Duration::from_millis(2500),
+        "answered after {waited:?}"
+    );
+    assert_eq!(up.hits_key("frozen-1"), 0);
+    signal("-STOP");
+    assert_eq!(p.admin_get("/readyz").await.status, 503);
+    assert_eq!(send(p.addr, "GET", "/plain", &[], "").await.status, 200);
+    signal("-CONT");
+    let addr = p.addr;
+    eventually(
+        Duration::from_secs(10),
+        "keys taken again after Redis runs again",
+        || async move {
+            let r = post_key(addr, "/echo", "thawed", "t").await;
+            (r.status == 201).then_some(())
+        },
+    )
+    .await;
+    post_key(p.addr, "/echo", "before", "b")
+        .await
+        .assert_replay(201, b"b");
+    eprintln!("frozen Redis: 503 after {waited:?}");
+}
+
+/// `max_size` with Redis is Redis's own `maxmemory`: under `noeviction` its OOM answers are 503
+/// `store-full` for new keys, while replays go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_is_store_full() {
+    let redis = common::redis::RedisServer::start_with(&[
+        "--maxmemory",
+        "3mb",
+        "--maxmemory-policy",
+        "noeviction",
+    ]);
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .arg("--redis-url")
+        .arg(&redis.url())
+        .start()
+        .await;
+    let body = "m".repeat(100_000);
+    let mut stored = 0;
+    let full = loop {
+        let r = post_key(p.addr, "/echo", &format!("oom-{stored}"), &body).await;
+        if r.status != 201 {
+            break r;
+        }
+        stored += 1;
+        assert!(stored < 200, "maxmemory never refused a write");
+    };
+    full.assert_problem(503, "store-full");
+    post_key(p.addr, "/echo", "oom-0", &body)
+        .await
+        .assert_replay(201, body.as_bytes());
+}

@@ -902,9 +902,9 @@ async fn subscribe_loop(
     }
 }
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn claim(
+impl RedisStore {
+    /// The claim itself (see `Store::claim`).
+    async fn claim_or_write(
         &self,
         key: &StoreKey,
         fp: Fingerprint,
@@ -955,6 +955,31 @@ impl Store for RedisStore {
         Err(other_err(
             "no fencing token above the lapsed claim's could be drawn".into(),
         ))
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        match self.claim_or_write(key, fp, lease).await {
+            // Redis refuses writes once `maxmemory` is reached (noeviction), and a claim writes (its
+            // token, and the record if the key is new). Retries are still answered from a read:
+            // replays and 409s go on, and only a new key gets `store-full`.
+            Err(StoreError::Full(why)) => match self.lookup(key).await {
+                Ok(Some(Record::Completed(c))) => Ok(ClaimOutcome::Completed(c)),
+                Ok(Some(Record::InFlight(f))) => Ok(ClaimOutcome::InFlight {
+                    fingerprint: f.fingerprint,
+                    retry_after: Duration::from_secs(1),
+                }),
+                Ok(None) | Err(_) => Err(StoreError::Full(why)),
+            },
+            other => other,
+        }
     }
 
     async fn complete(
