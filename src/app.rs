@@ -145,6 +145,7 @@ pub async fn run(
         grace: config.server.shutdown_grace,
         idle_timeout: config.server.idle_timeout,
         max_connections: config.server.max_connections,
+        listener: "proxy",
     };
     let settings = Arc::new(ArcSwap::from_pointee(AdminSettings::from_config(&config)));
     let admin = Arc::new(Admin::new(
@@ -165,9 +166,18 @@ pub async fn run(
     });
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(server::serve(admin_listener, admin, opts, async move {
-        let _ = admin_stop.wait_for(|s| *s).await;
-    }));
+    let admin_opts = ServeOptions {
+        listener: "admin",
+        ..opts
+    };
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        admin,
+        admin_opts,
+        async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let addr = local_addr(&listener, config.server.listen);
     tracing::info!(
@@ -237,9 +247,21 @@ pub async fn run(
     Ok(drain)
 }
 
+/// Connections the kernel queues for a listener while the accept loop is at `max_connections` (the
+/// usual default of 128 would refuse the rest of a burst); Linux caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
+    socket
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(LISTEN_BACKLOG)
+        })
         .map_err(|source| AppError::Bind { addr, source })
 }
 

@@ -9,7 +9,7 @@
 //! | `idemproxy_store_errors_total` | counter | `op` |
 //! | `idemproxy_inflight` | gauge | requests being handled |
 //! | `idemproxy_upstream_inflight` | gauge | upstream exchanges running, detached ones (client gone) included |
-//! | `idemproxy_connections` | gauge | client connections open |
+//! | `idemproxy_connections` | gauge | `listener` (proxy, admin): connections open |
 //! | `idemproxy_waiting` | gauge | duplicates waiting for their first request (`on_in_flight = "wait"`) |
 //! | `idemproxy_records_stored_total` | counter | results recorded |
 //! | `idemproxy_sweeper_runs_total`, `idemproxy_records_expired_total` | counter | |
@@ -301,14 +301,14 @@ pub fn store_stats(st: &crate::store::BackendStats) {
     counter!("idemproxy_store_durable_writes_total").absolute(st.durable_writes);
 }
 
-/// A client connection was accepted.
-pub fn connection_opened() {
-    gauge!("idemproxy_connections").increment(1.0);
+/// A connection was accepted on `listener` (`proxy` or `admin`).
+pub fn connection_opened(listener: &'static str) {
+    gauge!("idemproxy_connections", "listener" => listener).increment(1.0);
 }
 
-/// A client connection ended.
-pub fn connection_closed() {
-    gauge!("idemproxy_connections").decrement(1.0);
+/// A connection on `listener` ended.
+pub fn connection_closed(listener: &'static str) {
+    gauge!("idemproxy_connections", "listener" => listener).decrement(1.0);
 }
 
 /// Counts a request as in flight while alive.

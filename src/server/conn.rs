@@ -39,18 +39,24 @@ use crate::proxy::{body::BoxError, Body};
 
 /// A place among the `max_connections`; counted in `idemproxy_connections` while held.
 #[derive(Debug)]
-pub(super) struct ConnSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub(super) struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    listener: &'static str,
+}
 
 impl ConnSlot {
-    pub(super) fn new(permit: OwnedSemaphorePermit) -> Self {
-        crate::admin::metrics::connection_opened();
-        Self(permit)
+    pub(super) fn new(permit: OwnedSemaphorePermit, listener: &'static str) -> Self {
+        crate::admin::metrics::connection_opened(listener);
+        Self {
+            _permit: permit,
+            listener,
+        }
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        crate::admin::metrics::connection_closed();
+        crate::admin::metrics::connection_closed(self.listener);
     }
 }
 

@@ -60,6 +60,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Which listener this is, for the `idemproxy_connections{listener}` gauge.
+    pub listener: &'static str,
 }
 
 impl ServeOptions {
@@ -70,6 +72,7 @@ impl ServeOptions {
             grace,
             idle_timeout: crate::config::defaults::DEFAULT_IDLE_TIMEOUT,
             max_connections: crate::config::defaults::DEFAULT_MAX_CONNECTIONS as usize,
+            listener: "proxy",
         }
     }
 }
@@ -147,7 +150,7 @@ pub async fn serve_with(
                     peer,
                     opts,
                     stopping: stopping.clone(),
-                    _slot: ConnSlot::new(slot),
+                    _slot: ConnSlot::new(slot, opts.listener),
                 };
                 match &tls {
                     None => {
