@@ -99,6 +99,44 @@ pub async fn capture(mut body: Incoming, limit: u64) -> Result<Captured, hyper::
     Ok(Captured::Full(buf.freeze()))
 }
 
+/// A body that keeps `guard` alive until the body has been sent or dropped: how a connection knows a
+/// response is still in flight, and an upstream slot is held while its answer streams.
+#[derive(Debug)]
+pub struct Guarded<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G> Guarded<G> {
+    /// `body`, holding `guard`.
+    pub fn new(body: Body, guard: G) -> Self {
+        Self {
+            body,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> HttpBody for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Bytes already read followed by the rest of a streamed body.
 #[derive(Debug)]
 pub struct Prefixed {

@@ -217,7 +217,7 @@ impl Proxy {
                     }
                     tracing::debug!(route = %route.name, key = %req.redacted, "replayed");
                     return Ok(tagged(
-                        replay(&rec, rule.duplicate_status),
+                        replay(&self.replays.share(&req.key, rec), rule.duplicate_status),
                         Outcome::Replayed,
                     ));
                 }

@@ -6,19 +6,13 @@
 //! that send a request and disconnect could pile up detached upstream calls without limit (each must
 //! finish, to be recorded). `idemproxy_upstream_inflight` counts the slots taken.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    body::{Body, BoxError},
+    body::{Body, Guarded},
     error::ProxyError,
 };
 use crate::admin::metrics::InflightGuard;
@@ -54,31 +48,6 @@ impl UpstreamLimit {
 impl Slot {
     /// `body`, holding this slot until it has been sent or dropped.
     pub(crate) fn hold(self, body: Body) -> Body {
-        Held { body, _slot: self }.boxed()
-    }
-}
-
-struct Held {
-    body: Body,
-    _slot: Slot,
-}
-
-impl HttpBody for Held {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        Guarded::new(body, self).boxed()
     }
 }

@@ -14,6 +14,7 @@ mod limit;
 mod progress;
 pub mod replay;
 pub mod rules;
+mod shared_replays;
 mod upgrade;
 pub mod upstream;
 
@@ -82,6 +83,8 @@ pub struct Proxy {
     /// Upstream exchanges and recordings run here, detached from the client's connection, so they
     /// finish even if the client goes away; shutdown waits for them.
     tasks: TaskTracker,
+    /// Large bodies being replayed now, shared by their readers.
+    replays: shared_replays::SharedReplays,
 }
 
 /// Why the proxy could not be built.
@@ -105,6 +108,7 @@ impl Proxy {
             )?),
             store,
             tasks: TaskTracker::new(),
+            replays: shared_replays::SharedReplays::default(),
         })
     }
 

@@ -10,18 +10,14 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use bytes::Bytes;
 use http::{uri::Scheme, Request, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -35,7 +31,7 @@ use tokio::{
 };
 
 use super::{Handler, ServeOptions, ServerTls};
-use crate::proxy::{body::BoxError, Body};
+use crate::proxy::body::Guarded;
 
 /// A place among the `max_connections`; counted in `idemproxy_connections` while held.
 #[derive(Debug)]
@@ -129,7 +125,8 @@ impl Conn {
             let fut = handler.call(req, peer);
             async move {
                 let (head, body) = fut.await.into_parts();
-                Ok::<_, Infallible>(Response::from_parts(head, InFlight { body, _busy: busy }))
+                // The request counts as in flight until its response body is sent or dropped.
+                Ok::<_, Infallible>(Response::from_parts(head, Guarded::new(body, busy)))
             }
         });
         // With upgrades: a handler may answer 101 and take the connection over (WebSocket tunnels).
@@ -252,31 +249,5 @@ impl Drop for Busy {
         *self.0.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         self.0.changed.notify_waiters();
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is sent or dropped.
-struct InFlight {
-    body: Body,
-    _busy: Busy,
-}
-
-impl HttpBody for InFlight {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
