@@ -91,14 +91,16 @@ impl LazyFs {
 
 impl Drop for LazyFs {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount")
-            .arg("-u")
-            .arg(self.mnt.path())
-            .status();
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.mnt.path())
-            .status();
+        let quiet = |cmd: &str, args: &[&str]| {
+            let _ = Command::new(cmd)
+                .args(args)
+                .arg(self.mnt.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        quiet("fusermount", &["-u"]);
+        quiet("umount", &["-l"]);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
