@@ -238,8 +238,8 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn new(a: Arc<Activity>) -> Self {
+        // No wake-up: an idle timer that fires meanwhile sees the request and waits for it to end.
         a.active.fetch_add(1, Ordering::SeqCst);
-        a.changed.notify_waiters();
         Self(a)
     }
 }
@@ -247,7 +247,9 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         *self.0.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
+        // Only the last request to end starts the idle clock.
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.changed.notify_waiters();
+        }
     }
 }
