@@ -1,14 +1,20 @@
 //! The phases of a request, in order:
 //!
+//! 0. (`Proxy::handle`) The path is normalized (400 `invalid-path` if it cannot be) and the route
+//!    selected on it; the whole request is bounded by `request_timeout`, and [`Progress`] tells whose
+//!    fault a timeout is: 408 body, 503 store, 409 waiting, 504 upstream.
 //! 1. `handle_inner`: methods or routes not under rules → `Live::pass_through` (streamed, nothing stored;
 //!    an `Upgrade` request becomes a tunnel, see `upgrade`). An `Upgrade` request under rules → 400.
-//! 2. Buffer the body (413 over `max_request_body`), derive the key and the fingerprint.
+//! 2. Buffer the body (413 over `max_request_body`), derive the key (scoped by headers and cookies) and
+//!    the fingerprint (over the normalized path).
 //! 3. `claim_and_forward`: claim the store key. Claimed → 4; completed → replay (or 422); in flight →
-//!    409, or wait and claim again (or 422).
+//!    409, or wait and claim again (or 422); store full → 503 `store-full`.
 //! 4. `forward_claimed`: the upstream exchange and the recording run in a detached task, so they finish
-//!    even if the client disconnects; the response goes back only after its record is durable.
+//!    even if the client disconnects; the response goes back only after its record is durable. Every
+//!    upstream exchange holds one of `max_concurrency` slots (none free: the key is freed, 503
+//!    `upstream-busy`).
 //! 5. `exchange` / `settle_error`: release the key (release status, or nothing was sent) or record the
-//!    result.
+//!    result; a result the store cannot make durable is not passed on (503).
 //!
 //! Every successful response is tagged with its metrics [`Outcome`]; `Proxy::handle` counts it.
 
