@@ -16,7 +16,7 @@ use crate::{
     server::{self, shutdown::Hangups, Drain, Handler, ResponseFuture, ServeOptions},
     store::{
         instrumented::Instrumented,
-        redis::{redacted_url, RedisOptions, RedisStore},
+        redis::{RedisOptions, RedisStore},
         sled::{SledOptions, SledStore},
         Store, StoreError,
     },
@@ -81,7 +81,7 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
             // A frozen Redis is a store error within `[store] timeout` (rule 14).
             opts.op_timeout = config.store.timeout;
             let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
-                path: redacted_url(url),
+                path: crate::config::redact_url(url),
                 source,
             })?;
             Ok((

@@ -366,3 +366,44 @@ async fn default_release_statuses_include_401_and_403() {
         .assert_replay(400, b"status:400");
     assert_eq!(up.hits_key("auth-400"), 1);
 }
+
+/// URLs that `run` could not use are refused by `check` (exit 2), and a password a URL parser would
+/// read as a path (`/`), query (`?`) or fragment (`#`) is never printed. (Found by review: a
+/// non-numeric port fell back to port 80, and such passwords were logged.)
+#[test]
+fn malformed_urls_fail_check_without_printing_their_password() {
+    let bin = env!("CARGO_BIN_EXE_idemproxy");
+    let cases: [(&str, &str); 7] = [
+        ("--upstream", "http://127.0.0.1:abc"),
+        ("--upstream", "http://user:pa/secret@127.0.0.1:3001"),
+        ("--upstream", "http://user:pa?secret@127.0.0.1:3001"),
+        ("--upstream", "http://user:pa#secret@127.0.0.1:3001"),
+        ("--redis-url", "redis://:secret@127.0.0.1:notaport/0"),
+        ("--redis-url", "redis://:secret@127.0.0.1:6390/abc"),
+        ("--redis-url", "redis://user:r3d/secret@127.0.0.1:6390/0"),
+    ];
+    for (flag, url) in cases {
+        let out = std::process::Command::new(bin)
+            .args(["check", flag, url])
+            .env_remove("IDEMPROXY_UPSTREAM")
+            .env_remove("IDEMPROXY_REDIS_URL")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(2), "{flag} {url}: {text}");
+        let key = if flag == "--upstream" {
+            "upstream.url"
+        } else {
+            "store.redis_url"
+        };
+        assert!(text.contains(key), "{flag} {url}: {text}");
+        assert!(
+            !text.contains("secret"),
+            "{flag} {url} printed its password: {text}"
+        );
+    }
+}

@@ -173,3 +173,92 @@ fn check_refuses_a_route_path_with_a_query_or_fragment() {
         );
     }
 }
+
+/// A path that reads as two routes goes to the one that protects it: `/public/..%2Fv1/payments/z` is
+/// `/public/**` (pass-through) to a strict reader and `/v1/payments/z` to an upstream that decodes
+/// `%2F`, so it must not get through `public` without a key, nor run twice under two store keys.
+/// (Found by review: the first route matching any reading used to win.)
+#[tokio::test]
+async fn a_path_read_as_two_routes_takes_the_protecting_one() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .extra("[[routes]]\nname = \"public\"\npath = \"/public/**\"\nenabled = false\n")
+        .extra(PAYMENTS_ROUTE)
+        .start()
+        .await;
+    let (status, raw) = raw_status(p.addr, "POST", "/public/..%2Fv1/payments/z1", &[]).await;
+    assert_eq!(status, 400, "{raw}");
+    assert!(raw.contains("missing-key"), "{raw}");
+    let keyed = [("Idempotency-Key", "two-routes")];
+    let (first, _) = raw_status(p.addr, "POST", "/v1/payments/z2", &keyed).await;
+    let (second, raw) = raw_status(p.addr, "POST", "/public/..%2Fv1/payments/z2", &keyed).await;
+    assert_eq!(first, 200);
+    assert_ne!(
+        second, 200,
+        "the same key on another spelling ran again: {raw}"
+    );
+    assert_eq!(up.hits_total(), 1, "{:?}", up.requests());
+}
+
+/// Two named routes that both protect a path's two readings would give one key two store keys:
+/// refused with 400 `invalid-path`, nothing forwarded.
+#[tokio::test]
+async fn a_path_read_as_two_protecting_routes_is_invalid_path() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .extra("[[routes]]\nname = \"a\"\npath = \"/a/**\"\n[[routes]]\nname = \"b\"\npath = \"/b/**\"\n")
+        .start()
+        .await;
+    let (status, raw) =
+        raw_status(p.addr, "POST", "/a/..%2Fb/x", &[("Idempotency-Key", "k")]).await;
+    assert_eq!(status, 400, "{raw}");
+    assert!(raw.contains("invalid-path"), "{raw}");
+    assert_eq!(up.hits_total(), 0);
+}
+
+/// With `key = "fingerprint"` the request is its own key: every spelling that route matching folds
+/// together (case, a trailing `/`, `%2F`, `;params`, an empty query) is the same key, replayed, never
+/// run again. (Found by review: the key used to see only the strict normal form.)
+#[tokio::test]
+async fn fingerprint_keys_fold_the_spellings_routes_fold() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .extra("[[routes]]\nname = \"fp\"\npath = \"/fp/**\"\nkey = \"fingerprint\"\n")
+        .start()
+        .await;
+    let first = send(p.addr, "POST", "/fp/a", &[TEXT], "same").await;
+    assert_eq!(first.status, 200);
+    for spelling in [
+        "/fp/a/", "/FP/a", "/fp/A", "/fp%2Fa", "/fp/a;x", "/fp/a?", "/fp//a", "/fp/%61",
+    ] {
+        let (status, raw) = raw_status(p.addr, "POST", spelling, &[]).await;
+        assert_eq!(status, 200, "{spelling}: {raw}");
+        assert!(
+            raw.contains("\"idempotent-replayed\": \"true\""),
+            "{spelling} was not replayed: {raw}"
+        );
+    }
+    assert_eq!(up.hits_total(), 1, "{:?}", up.requests());
+}
+
+/// Sends one request over raw TCP (so the path goes out exactly as written) with body `same`;
+/// the status and the raw response.
+async fn raw_status(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n"
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\nsame");
+    let r = raw_exchange(addr, head.as_bytes()).await;
+    (
+        r.status,
+        String::from_utf8_lossy(&r.body).into_owned() + &format!("{:?}", r.headers),
+    )
+}

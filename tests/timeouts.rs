@@ -166,3 +166,32 @@ async fn request_timeout_at_the_upstream_is_504_not_408() {
     assert_eq!(requests_with_outcome(&p, "upstream_timeout").await, 1.0);
     assert_eq!(requests_with_outcome(&p, "request_timeout").await, 0.0);
 }
+
+/// When `request_timeout` runs out while a claimed request is at the upstream, the 504 means what it
+/// says everywhere else: the exchange was given up and the key is free, so the retry is forwarded,
+/// not answered 409 and later replayed. (Found by review: the exchange used to go on, detached, and
+/// record its late result.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_at_the_upstream_frees_the_key() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .server("request_timeout = \"1s\"")
+        .upstream("timeout = \"30s\"")
+        .start()
+        .await;
+    post_key(p.addr, "/gate/late", "late-1", "x")
+        .await
+        .assert_problem(504, "upstream-timeout");
+    let r = post_key(p.addr, "/gate/late", "late-1", "x").await;
+    r.assert_problem(504, "upstream-timeout");
+    assert_eq!(
+        up.gate_arrivals("late"),
+        2,
+        "the retry after a 504 was not forwarded (key still held)"
+    );
+    up.open("late");
+    // Nothing was recorded: the next retry is forwarded again and answered this time.
+    let r = post_key(p.addr, "/gate/late", "late-1", "x").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!r.replayed());
+}

@@ -30,14 +30,15 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// `url` with any `user:password@` replaced by `***@`, for logs and error messages (rule 17).
+/// `url` with everything between the scheme and the last `@` replaced by `***`, for logs and error
+/// messages (rule 17). The last `@` anywhere, not just in a well-formed authority: a password holding
+/// `/`, `?` or `#` (`http://u:pa/ss@h`) makes a parser see the rest as a path, and would leak.
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.find("://") {
         Some(i) => url.split_at(i + 3),
         None => ("", url),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}***{}", &rest[at..]),
         None => url.to_owned(),
     }
@@ -357,5 +358,31 @@ impl Config {
             .iter()
             .find(|r| r.name == route)
             .map(|r| &r.rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_never_show_their_credentials() {
+        assert_eq!(
+            redact_url("redis://user:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:secret@host/1"), "rediss://***@host/1");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        // Passwords a URL parser would read as a path, query or fragment.
+        for url in [
+            "http://user:pa/ss@127.0.0.1:3001",
+            "http://user:pa?ss@127.0.0.1:3001",
+            "http://user:pa#ss@127.0.0.1:3001",
+            "redis://user:r3d/spw@127.0.0.1:6390/0",
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("ss") && !shown.contains("spw"), "{shown}");
+            assert!(shown.ends_with("@127.0.0.1:3001") || shown.ends_with("@127.0.0.1:6390/0"));
+        }
     }
 }

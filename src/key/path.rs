@@ -25,6 +25,12 @@ pub enum PathError {
     /// `%00`: an encoded NUL byte.
     #[error("the path encodes a NUL byte")]
     EncodedNul,
+    /// Read strictly and loosely (`%2F` as `/`, `;params`, `\`), the path falls under two different
+    /// routes, one of which would protect the request.
+    #[error(
+        "the path reads as two different routes (an encoded '/', a ';' or a '\\'); send it plainly"
+    )]
+    Ambiguous,
 }
 
 /// The RFC 3986 §6.2.2 normal form of a path (no query). Paths that are not absolute (`*`) are returned
@@ -54,6 +60,13 @@ pub fn match_forms(normal: &str) -> [String; 2] {
         .join("/");
     let loose = remove_dot_segments(&merge_slashes(&no_params));
     [strict, trim_slash(&loose).to_owned()]
+}
+
+/// The path as a `key = "fingerprint"` key sees it: the loose form of [`match_forms`], lower-cased,
+/// so that every spelling route matching folds together is one key.
+pub fn key_form(normal: &str) -> String {
+    let [_, loose] = match_forms(normal);
+    loose.to_lowercase()
 }
 
 fn trim_slash(p: &str) -> &str {
@@ -225,6 +238,17 @@ mod tests {
         );
         assert_eq!(match_forms("/v1\\payments\\a")[1], "/v1/payments/a");
         assert_eq!(match_forms("/x/%2E%2E%2Fv1/payments")[1], "/v1/payments");
+    }
+
+    #[test]
+    fn spellings_of_one_path_have_one_key_form() {
+        let want = key_form("/fp/a");
+        for p in [
+            "/fp/a/", "/FP/a", "/fp/A", "/fp%2Fa", "/fp/a;x", "/fp\\a", "/fp//a", "/fp/%61",
+        ] {
+            assert_eq!(key_form(&n(p)), want, "{p}");
+        }
+        assert_ne!(key_form("/fp/b"), want);
     }
 
     proptest::proptest! {

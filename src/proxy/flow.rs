@@ -40,9 +40,12 @@ use super::{
 use crate::{
     admin::metrics::{InflightGuard, Outcome},
     config::{FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode},
-    key::{fingerprint, json_pointer_key, Fingerprint, IdempotencyKey, StoreKey},
+    key::{fingerprint, json_pointer_key, path::key_form, Fingerprint, IdempotencyKey, StoreKey},
     store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
 };
+
+/// How much earlier than the request's own deadline a claimed exchange gives up (see `exchange`).
+const REQUEST_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Marks responses forwarded without protection because the store failed (`on_store_error = "pass"`).
 const DEGRADED: HeaderName = HeaderName::from_static("idempotency-degraded");
@@ -114,10 +117,21 @@ impl Proxy {
             Err(BufferError::Read(e)) => return Err(ProxyError::BadRequestBody(e)),
         };
         progress.set(Phase::Store);
-        // The fingerprint sees the normalized path, and the query as sent.
-        let pq = match parts.uri.query() {
-            None => Cow::Borrowed(normal_path),
-            Some(q) => Cow::Owned(format!("{normal_path}?{q}")),
+        // The fingerprint sees the normalized path, and the query as sent. With `key = "fingerprint"`
+        // the fingerprint *is* the key, so it sees the path as route matching does (case, a trailing
+        // `/`, `%2F`, `;params` and an empty query folded): a spelling that reaches the same route
+        // reaches the same key, and never runs twice.
+        let pq = if rule.key == KeySource::Fingerprint {
+            let p = key_form(normal_path);
+            match parts.uri.query().filter(|q| !q.is_empty()) {
+                None => Cow::Owned(p),
+                Some(q) => Cow::Owned(format!("{p}?{q}")),
+            }
+        } else {
+            match parts.uri.query() {
+                None => Cow::Borrowed(normal_path),
+                Some(q) => Cow::Owned(format!("{normal_path}?{q}")),
+            }
         };
         let fp_of = |mode| {
             fingerprint(
@@ -304,7 +318,13 @@ impl Proxy {
             return Err(e);
         }
         let started = Instant::now();
-        let budget = live.upstream.timeout;
+        // Bounded by what is left of `request_timeout` too (a little less, so this exchange times out,
+        // frees the key and answers 504 before the request as a whole gives up): a client told 504
+        // must find its key free, not held by an exchange that goes on and records its result later.
+        let budget = live
+            .upstream
+            .timeout
+            .min(progress.left().saturating_sub(REQUEST_MARGIN));
         let sent = live
             .upstream
             .send(Request::from_parts(parts, full(body)), budget)

@@ -141,9 +141,17 @@ impl Proxy {
                 return e.response();
             }
         };
-        let route = live.rules.select(&normal);
-        let progress = Progress::default();
+        let route = match live.rules.select(&normal, &method) {
+            Ok(r) => r,
+            Err(e) => {
+                let e = ProxyError::from(e);
+                tracing::debug!(%method, status = 400, code = e.code(), "refused: {e}");
+                live.rules.default_route().counters.count(Outcome::Rejected);
+                return e.response();
+            }
+        };
         let limit = live.limits.request_timeout;
+        let progress = Progress::new(tokio::time::Instant::now() + limit);
         let result = match tokio::time::timeout(
             limit,
             self.handle_inner(&live, route, req, &normal, peer, &progress),

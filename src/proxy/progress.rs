@@ -36,17 +36,30 @@ pub(crate) enum Phase {
     Upstream = 3,
 }
 
-/// The phase of one request, shared with the bodies and tasks working on it.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Progress(Arc<AtomicU8>);
+/// The phase of one request, shared with the bodies and tasks working on it, and when its
+/// `request_timeout` runs out.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress(Arc<(AtomicU8, tokio::time::Instant)>);
 
 impl Progress {
+    /// A request that must be answered by `deadline`.
+    pub(crate) fn new(deadline: tokio::time::Instant) -> Self {
+        Self(Arc::new((AtomicU8::new(Phase::Body as u8), deadline)))
+    }
+
+    /// Time left before the request's `request_timeout` runs out.
+    pub(crate) fn left(&self) -> Duration {
+        self.0
+             .1
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+
     pub(crate) fn set(&self, p: Phase) {
-        self.0.store(p as u8, Ordering::Relaxed);
+        self.0 .0.store(p as u8, Ordering::Relaxed);
     }
 
     pub(crate) fn get(&self) -> Phase {
-        match self.0.load(Ordering::Relaxed) {
+        match self.0 .0.load(Ordering::Relaxed) {
             0 => Phase::Body,
             1 => Phase::Store,
             2 => Phase::Waiting,

@@ -13,8 +13,9 @@ use globset::{GlobBuilder, GlobMatcher};
 use crate::{
     admin::metrics::RouteCounters,
     config::{defaults::DEFAULT_ROUTE_NAME, Config, Rule},
-    key::path::match_forms,
+    key::path::{match_forms, PathError},
 };
+use http::Method;
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -26,6 +27,13 @@ pub struct RouteRules {
     /// Its request counters.
     pub counters: RouteCounters,
     matcher: Option<GlobMatcher>,
+}
+
+impl RouteRules {
+    /// Whether requests with `method` are under this route's idempotency rules.
+    pub fn protects(&self, method: &Method) -> bool {
+        self.rule.enabled && self.rule.methods.contains(method)
+    }
 }
 
 /// Every route, in order, plus the default.
@@ -72,31 +80,51 @@ impl Rules {
         &self.default
     }
 
-    /// The rules for a normalized request path (query excluded; see [`crate::key::path::normalize`]).
-    pub fn select(&self, normal_path: &str) -> &RouteRules {
+    /// The rules for a normalized request path (query excluded; see [`crate::key::path::normalize`])
+    /// and method.
+    ///
+    /// The path is read strictly and loosely (see [`match_forms`]). `/public/..%2Fv1/payments/a` is
+    /// `/public/**` to a strict reader and `/v1/payments/a` to a framework that decodes `%2F`: when the
+    /// two readings fall under different routes, the one that protects this method is taken (a named
+    /// route before `[defaults]`), so a retry cannot escape its route by its spelling; two named routes
+    /// that would both protect it, under different store keys, are refused ([`PathError::Ambiguous`]).
+    pub fn select(&self, normal_path: &str, method: &Method) -> Result<&RouteRules, PathError> {
         if self.routes.is_empty() {
-            return &self.default;
+            return Ok(&self.default);
         }
         let [strict, loose] = match_forms(normal_path);
-        let with_slash = |p: &str| {
-            let mut s = String::with_capacity(p.len() + 1);
-            s.push_str(p);
-            if !p.ends_with('/') {
-                s.push('/');
-            }
-            s
-        };
-        let mut forms = vec![with_slash(&strict), strict];
-        if forms[1] != loose {
-            forms.push(with_slash(&loose));
-            forms.push(loose);
+        let strict_route = self.first_match(&strict);
+        if strict == loose {
+            return Ok(strict_route);
+        }
+        let loose_route = self.first_match(&loose);
+        if std::ptr::eq(strict_route, loose_route) {
+            return Ok(strict_route);
+        }
+        // A route that matches too much only adds protection: the reading that protects wins, a named
+        // route over `[defaults]`; two different named routes that both protect are ambiguous.
+        match (strict_route.protects(method), loose_route.protects(method)) {
+            (false, false) | (true, false) => Ok(strict_route),
+            (false, true) => Ok(loose_route),
+            (true, true) if strict_route.matcher.is_none() => Ok(loose_route),
+            (true, true) if loose_route.matcher.is_none() => Ok(strict_route),
+            (true, true) => Err(PathError::Ambiguous),
+        }
+    }
+
+    /// The first route matching `form` (or `form` with a trailing `/`), else the default.
+    fn first_match(&self, form: &str) -> &RouteRules {
+        let mut slashed = String::with_capacity(form.len() + 1);
+        slashed.push_str(form);
+        if !form.ends_with('/') {
+            slashed.push('/');
         }
         self.routes
             .iter()
             .find(|r| {
                 r.matcher
                     .as_ref()
-                    .is_some_and(|m| forms.iter().any(|f| m.is_match(f)))
+                    .is_some_and(|m| m.is_match(form) || m.is_match(&slashed))
             })
             .unwrap_or(&self.default)
     }
@@ -125,11 +153,12 @@ mod tests {
         )
         .unwrap();
         let r = Rules::new(&cfg).unwrap();
-        assert_eq!(&*r.select("/v1/payments/p1/refunds").name, "one");
-        assert_eq!(&*r.select("/v1/payments/p1/x/refunds").name, "payments");
-        assert_eq!(&*r.select("/v1/payments/p1").name, "payments");
-        assert_eq!(&*r.select("/health").name, "root");
-        assert_eq!(&*r.select("/a/b").name, "default");
+        let select = |p: &str| r.select(p, &Method::POST).unwrap().name.to_string();
+        assert_eq!(select("/v1/payments/p1/refunds"), "one");
+        assert_eq!(select("/v1/payments/p1/x/refunds"), "payments");
+        assert_eq!(select("/v1/payments/p1"), "payments");
+        assert_eq!(select("/health"), "root");
+        assert_eq!(select("/a/b"), "default");
     }
 
     /// Rule 13: letter case, a trailing slash and spellings the upstream reads as the same path do not
@@ -151,7 +180,7 @@ mod tests {
         let r = Rules::new(&cfg).unwrap();
         let select = |raw: &str| {
             let normal = crate::key::path::normalize(raw).unwrap();
-            r.select(&normal).name.to_string()
+            r.select(&normal, &Method::POST).unwrap().name.to_string()
         };
         for p in [
             "/v1/payments/a",
@@ -172,5 +201,51 @@ mod tests {
         }
         assert_eq!(select("/v1/paymentsx/a"), "default");
         assert_eq!(select("/v1/orders/1"), "default");
+    }
+
+    /// A path whose strict and loose readings fall under different routes goes to the one that
+    /// protects it; two protecting named routes are refused.
+    #[test]
+    fn a_path_read_as_two_routes_goes_to_the_protecting_one() {
+        let cfg = Config::parse(
+            r#"
+            [[routes]]
+            name = "public"
+            path = "/public/**"
+            enabled = false
+            [[routes]]
+            name = "payments"
+            path = "/v1/payments/**"
+            methods = ["POST"]
+            "#,
+            &Overrides::default(),
+        )
+        .unwrap();
+        let r = Rules::new(&cfg).unwrap();
+        let normal = crate::key::path::normalize("/public/..%2Fv1/payments/z").unwrap();
+        assert_eq!(
+            &*r.select(&normal, &Method::POST).unwrap().name,
+            "payments",
+            "the protecting reading wins"
+        );
+        // GET is protected by neither reading: pass-through, as the strict reading says.
+        assert_eq!(&*r.select(&normal, &Method::GET).unwrap().name, "public");
+        // One reading, one route: no ambiguity.
+        assert_eq!(
+            &*r.select("/public/a%2Fb", &Method::POST).unwrap().name,
+            "public"
+        );
+        // Both readings under protecting named routes, with different store keys: refused.
+        let cfg = Config::parse(
+            "[[routes]]\nname = \"a\"\npath = \"/a/**\"\n[[routes]]\nname = \"b\"\npath = \"/b/**\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let r = Rules::new(&cfg).unwrap();
+        let normal = crate::key::path::normalize("/a/..%2Fb/x").unwrap();
+        assert_eq!(
+            r.select(&normal, &Method::POST).unwrap_err(),
+            PathError::Ambiguous
+        );
     }
 }

@@ -365,21 +365,6 @@ impl Names {
     }
 }
 
-/// `redis://user:secret@host/0` → `redis://user:***@host/0`, for logs and error messages.
-pub fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find('/').unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***{}", &rest[at..])
-        }
-        None => url.to_owned(),
-    }
-}
-
 // === Errors and replies ===
 
 fn backend_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -1200,19 +1185,6 @@ mod tests {
             let s = open("redis://127.0.0.1:1/0", "ok:").unwrap();
             assert!(s.ping().await.is_err());
         });
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redacted_url("redis://user:secret@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(
-            redacted_url("rediss://:secret@host/1"),
-            "rediss://:***@host/1"
-        );
-        assert_eq!(redacted_url("redis://host:6379"), "redis://host:6379");
     }
 
     #[test]

@@ -105,6 +105,18 @@ pub(super) fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConf
     })
 }
 
+/// Whether an authority's port, if it has one, is a number from 1 to 65535 (`http::Uri` accepts
+/// `host:abc` and then falls back to the scheme's port).
+fn port_ok(authority: &str) -> bool {
+    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+    match authority[host_end..].rfind(':') {
+        None => true,
+        Some(i) => authority[host_end + i + 1..]
+            .parse::<u16>()
+            .is_ok_and(|p| p > 0),
+    }
+}
+
 /// `trusted_proxies`: CIDR blocks (`10.0.0.0/8`) or single addresses.
 fn trusted_proxies(s: &mut Section, p: &mut Problems) -> Option<Vec<IpNet>> {
     let Some(list) = s.take_str_list("trusted_proxies", p) else {
@@ -156,6 +168,13 @@ pub(super) fn read_upstream(mut s: Section, p: &mut Problems) -> Option<Upstream
         }
         Ok(u) if u.authority().is_none() => {
             p.push(s.path_of("url"), format!("\"{shown}\": a host is required"));
+            None
+        }
+        Ok(u) if !port_ok(u.authority().map_or("", |a| a.as_str())) => {
+            p.push(
+                s.path_of("url"),
+                format!("\"{shown}\": the port must be a number from 1 to 65535"),
+            );
             None
         }
         Ok(u) if u.query().is_some() => {

@@ -63,10 +63,21 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         }
     };
     if let Some(u) = &redis_url {
+        use redis::IntoConnectionInfo;
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
             p.push(
                 s.path_of("redis_url"),
                 format!("\"{}\": expected redis:// or rediss://", redact_url(u)),
+            );
+        } else if let Err(e) = u.as_str().into_connection_info() {
+            // What `run` would refuse when it connects, refused here (and by `check`) with exit 2.
+            p.push(
+                s.path_of("redis_url"),
+                format!(
+                    "\"{}\": {}",
+                    redact_url(u),
+                    e.detail().unwrap_or("invalid Redis URL")
+                ),
             );
         }
     }

@@ -598,6 +598,25 @@ impl SledStore {
                 seen_only: result.seen_only,
             });
             let mut encoded = rec.encode();
+            // `max_size` is checked on claims; a result that would still take the store past it is
+            // kept without its body (its replays say `Idempotency-Replay: omitted`, as for a body
+            // over `max_response_body`): the request never runs twice, and the store stays bounded
+            // by `max_size` plus the heads of the results in flight.
+            let grow = record_size(encoded.len()).saturating_sub(record_size(cur.len()));
+            let rec = match (s.size.admit(grow), rec) {
+                (Err(_), Record::Completed(mut c)) if !c.body.is_empty() => {
+                    tracing::warn!(
+                        bytes = c.body.len(),
+                        "store.max_size reached: result recorded without its body"
+                    );
+                    c.body = bytes::Bytes::new();
+                    c.body_omitted = true;
+                    let rec = Record::Completed(c);
+                    encoded = rec.encode();
+                    rec
+                }
+                (_, rec) => rec,
+            };
             s.space.admit(record_size(encoded.len()), RESULT_RESERVE)?;
             // A large record goes to chunks, behind a stub (see `chunks`: sled must never write a
             // blob). The chunks are written first; if the stub is not installed they are deleted.
