@@ -231,15 +231,16 @@ pub async fn run(
     } else {
         Drain::Complete
     };
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    let _ = sweeper.await;
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final flush failed");
     }
     if let Some(s) = sled {
-        s.close();
+        // Clean only when nothing can write any more (a claim still running after the grace would).
+        s.close(drain == Drain::Complete);
     }
-    let _ = stop_tx.send(true);
-    let _ = admin_task.await;
-    let _ = sweeper.await;
     if let Some(r) = reloader {
         let _ = r.await;
     }

@@ -324,7 +324,7 @@ async fn sled_keeps_records_across_reopen_and_claims_survive_with_their_deadline
         let t = token(s.claim(&k, fp, LEASE).await.unwrap());
         s.complete(&k, t, result("kept"), TTL).await.unwrap();
         token(s.claim(&inflight, fp, LEASE).await.unwrap());
-        s.close();
+        s.close(true);
     }
     let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
     assert!(

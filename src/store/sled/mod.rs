@@ -131,6 +131,8 @@ const TOKEN_BITS: u32 = 20;
 #[derive(Debug)]
 struct Inner {
     db: sled::Db,
+    /// Schema version, and the `max_size` count saved by a clean shutdown.
+    meta: sled::Tree,
     records: sled::Tree,
     /// Pieces of large records (see `chunks`).
     chunks: sled::Tree,
@@ -243,7 +245,9 @@ impl Inner {
         let block = db.generate_id()?;
         let chunks = db.open_tree("chunks")?;
         chunks::drop_orphans(&records, &chunks)?;
-        let size = Size::count(&[&records, &chunks], opts.max_size)?;
+        let size = Size::open(&meta, &[&records, &chunks], opts.max_size)?;
+        // The saved count is gone for good before any write: a crash from here on is counted again.
+        db.flush()?;
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
         let claims = Arc::clone(&live);
         disk_sync::make_private(&opts.path).map_err(backend_err)?;
@@ -258,6 +262,7 @@ impl Inner {
         .map_err(backend_err)?;
         Ok(Inner {
             db,
+            meta,
             records,
             chunks,
             assembled: chunks::Shared::default(),
@@ -305,12 +310,20 @@ impl SledStore {
     /// A store whose flush is stuck (sled wedged after an I/O error, see `space`) is left as it is:
     /// its flusher thread is not waited for, and the database is never dropped (sled's drop flushes,
     /// and would block the process's exit forever).
-    pub fn close(&self) {
+    ///
+    /// `clean`: nothing writes any more (every request and detached exchange has ended, the sweeper
+    /// and the admin listener are stopped): the `max_size` count is saved for a fast next open.
+    pub fn close(&self, clean: bool) {
         let Ok(inner) = self.inner() else { return };
         if inner.flusher.stalled().is_some() {
             tracing::error!("the store's flush is stuck: exiting without a final flush");
             inner.leak();
             return;
+        }
+        if clean {
+            if let Err(e) = inner.size.save(&inner.meta) {
+                tracing::warn!(error = %e, "could not save the store's size; the next start counts it");
+            }
         }
         inner.flusher.stop();
         let _ = inner.db.flush();

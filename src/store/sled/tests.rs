@@ -135,7 +135,7 @@ async fn tokens_grow_across_reopen() {
         let token = claimed(&s, [99 - round; 32]).await;
         assert!(token > last, "token {token} of a new block after {last}");
         last = token;
-        s.close();
+        s.close(true);
         drop(s);
     }
 }
@@ -240,7 +240,7 @@ async fn orphan_chunks_are_dropped_at_open() {
         let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
         super::chunks::write(&s.inner().unwrap().chunks, &[9; 64], 77, &[1u8; 10_000]).unwrap();
         s.flush().await.unwrap();
-        s.close();
+        s.close(true);
     }
     let give_up = std::time::Instant::now() + Duration::from_secs(10);
     let s = loop {
@@ -255,4 +255,53 @@ async fn orphan_chunks_are_dropped_at_open() {
     };
     assert!(s.inner().unwrap().chunks.is_empty());
     assert_eq!(s.stats().live_bytes, Some(0));
+}
+
+/// The `max_size` count survives a clean shutdown (saved, no scan at the next open) and a crash
+/// (nothing saved, so the next open counts every record), and comes out the same both ways.
+#[tokio::test]
+async fn the_live_byte_count_is_exact_after_a_clean_stop_and_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let reopen = || {
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match open_default(dir.path(), SyncPolicy::Always, clock.clone()) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < give_up => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let s = reopen();
+    for i in 0..10u8 {
+        claimed(&s, [i; 32]).await;
+    }
+    let used = s.stats().live_bytes.unwrap();
+    assert!(used > 0);
+    s.close(true);
+    drop(s);
+    let s = reopen();
+    let saved = lock_meta(&s);
+    assert_eq!(s.stats().live_bytes, Some(used), "after a clean stop");
+    assert!(!saved, "the saved count is taken out at open");
+    claimed(&s, [42; 32]).await;
+    let more = s.stats().live_bytes.unwrap();
+    s.flush().await.unwrap();
+    drop(s); // a crash: nothing saved
+    let s = reopen();
+    assert_eq!(s.stats().live_bytes, Some(more), "after a crash");
+}
+
+/// Whether a saved count is still in the meta tree.
+fn lock_meta(s: &SledStore) -> bool {
+    s.inner()
+        .unwrap()
+        .meta
+        .get(b"live_bytes")
+        .unwrap()
+        .is_some()
 }
