@@ -9,6 +9,7 @@
 pub mod body;
 pub mod error;
 mod flow;
+mod forward;
 pub mod headers;
 mod limit;
 mod progress;

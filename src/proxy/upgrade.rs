@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use super::{
     body::{empty, stream, Body},
     error::ProxyError,
-    flow::{into_proxy_error, upstream_request},
+    forward::{into_proxy_error, upstream_request},
     headers::strip_hop_by_hop,
     tagged, Live,
 };
