@@ -45,7 +45,7 @@ use self::{
     chunks::{Stub, INLINE_MAX},
     disk_sync::DiskSync,
     flusher::{FlushStats, Flusher},
-    size::{record_size, Size},
+    size::{record_size, weigh, Size},
     space::{SpaceGuard, CLAIM_RESERVE, RESULT_RESERVE},
     sweep::{Walk, SWEEP_BATCH},
     unflushed::{lock, remove_if, Unflushed, UnflushedMap},
@@ -151,7 +151,7 @@ struct Inner {
     /// Fencing tokens: see [`Tokens`].
     tokens: Mutex<Tokens>,
     /// Bytes of live records, against `max_size`.
-    size: Size,
+    size: Arc<Size>,
     /// Free disk space, checked before each write.
     space: SpaceGuard,
     watchers: Arc<Watchers>,
@@ -224,6 +224,7 @@ impl Inner {
             .flush_every_ms(None)
             .open()?;
         let meta = db.open_tree("meta")?;
+        let fresh = meta.get("schema")?.is_none();
         match meta.get("schema")? {
             None => {
                 meta.insert("schema", &[super::record::SCHEMA_VERSION])?;
@@ -245,7 +246,7 @@ impl Inner {
         let block = db.generate_id()?;
         let chunks = db.open_tree("chunks")?;
         chunks::drop_orphans(&records, &chunks)?;
-        let size = Size::open(&meta, &[&records, &chunks], opts.max_size)?;
+        let size = Size::open(&meta, &records, fresh, opts.max_size)?;
         // The saved count is gone for good before any write: a crash from here on is counted again.
         db.flush()?;
         let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
@@ -431,15 +432,15 @@ impl Inner {
         old: Option<&sled::IVec>,
         new: Option<sled::IVec>,
     ) -> Result<Result<(), Option<sled::IVec>>, StoreError> {
-        let weigh = |v: Option<&sled::IVec>| {
-            v.map_or(0, |v| {
-                record_size(v.len()) + Stub::parse(v).map_or(0, |st| st.chunk_bytes())
-            })
-        };
-        let sizes = (weigh(old), weigh(new.as_ref()));
+        let sizes = (
+            old.map_or(0, |v| weigh(v)),
+            new.as_ref().map_or(0, |v| weigh(v)),
+        );
+        let mut hold = self.size.write();
         match self.records.compare_and_swap(key, old, new)? {
             Ok(()) => {
-                self.size.swapped(sizes.0, sizes.1);
+                self.size.swapped(&mut hold, key, sizes.0, sizes.1);
+                drop(hold);
                 if let Some(stub) = old.and_then(|o| Stub::parse(o)) {
                     chunks::delete(&self.chunks, key, stub.token)?;
                 }
@@ -835,7 +836,8 @@ impl Store for SledStore {
         let f = inner.flusher.stats();
         super::BackendStats {
             size_on_disk: inner.db.size_on_disk().ok(),
-            live_bytes: Some(inner.size.used()),
+            // Unknown while the records are counted again after a crash.
+            live_bytes: inner.size.is_ready().then(|| inner.size.used()),
             max_size: Some(inner.size.max()),
             flushes: f.flushes,
             durable_writes: f.writes,

@@ -293,6 +293,12 @@ async fn the_live_byte_count_is_exact_after_a_clean_stop_and_after_a_crash() {
     s.flush().await.unwrap();
     drop(s); // a crash: nothing saved
     let s = reopen();
+    // Counted again in the background.
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while s.stats().live_bytes.is_none() {
+        assert!(std::time::Instant::now() < give_up, "the count never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(s.stats().live_bytes, Some(more), "after a crash");
 }
 
