@@ -243,3 +243,24 @@ async fn sigterm_finishes_the_request_in_flight_and_records_it() {
         .assert_replay(200, b"gate:term#1");
     assert_eq!(up.gate_arrivals("term"), 1);
 }
+
+/// With `sync = "always"` every durable write is covered by an `fdatasync` of the store's log (sled
+/// alone only `sync_file_range`s it, which a power cut does not respect), and the sync's latency is
+/// exported: sequential first-seen requests each wait for their own syncs (claim and result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_durable_request_waits_for_an_fdatasync_and_its_latency_is_exported() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url()).start().await;
+    let before = common::metrics::scrape(&p, "idemproxy_store_fsync_duration_seconds_count").await;
+    for i in 0..10 {
+        post_key(p.addr, "/echo", &format!("sync-{i}"), "v")
+            .await
+            .assert_forwarded(201, b"v");
+    }
+    let after = common::metrics::scrape(&p, "idemproxy_store_fsync_duration_seconds_count").await;
+    assert!(
+        after - before >= 20.0,
+        "{} fdatasyncs for 10 sequential requests (a claim and a result each)",
+        after - before
+    );
+}

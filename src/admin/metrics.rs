@@ -16,6 +16,7 @@
 //! | `idemproxy_store_size_bytes` | gauge | bytes on disk (sled) |
 //! | `idemproxy_store_live_bytes`, `idemproxy_store_max_size_bytes` | gauge | bytes of live records, and `[store] max_size` (sled) |
 //! | `idemproxy_store_flushes_total`, `idemproxy_store_durable_writes_total` | counter | group commit: fsyncs, and writes they covered |
+//! | `idemproxy_store_fsync_duration_seconds` | histogram | the `fdatasync` of sled's log after each flush (sled) |
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -143,6 +144,11 @@ fn describe() {
         Unit::Bytes,
         "store.max_size"
     );
+    describe_histogram!(
+        "idemproxy_store_fsync_duration_seconds",
+        Unit::Seconds,
+        "fdatasync of the store's log after each flush (what makes a write power-safe)"
+    );
     describe_counter!(
         "idemproxy_store_flushes_total",
         "Flushes to disk (group commit)"
@@ -234,6 +240,7 @@ struct Hot {
     upstream: metrics::Gauge,
     waiting: metrics::Gauge,
     stored: metrics::Counter,
+    fsync: metrics::Histogram,
     ops: [(metrics::Histogram, metrics::Counter); 3],
 }
 
@@ -244,6 +251,7 @@ impl Hot {
             upstream: gauge!("idemproxy_upstream_inflight"),
             waiting: gauge!("idemproxy_waiting"),
             stored: counter!("idemproxy_records_stored_total"),
+            fsync: histogram!("idemproxy_store_fsync_duration_seconds"),
             ops: HOT_OPS.map(|op| {
                 (
                     histogram!("idemproxy_store_duration_seconds", "op" => op),
@@ -269,6 +277,14 @@ pub fn store_op(op: &'static str, d: Duration, ok: bool) {
     histogram!("idemproxy_store_duration_seconds", "op" => op).record(d.as_secs_f64());
     if !ok {
         counter!("idemproxy_store_errors_total", "op" => op).increment(1);
+    }
+}
+
+/// One `fdatasync` of the store's log, and how long it took.
+pub fn store_fsync(d: Duration) {
+    match HOT.get() {
+        Some(hot) => hot.fsync.record(d.as_secs_f64()),
+        None => histogram!("idemproxy_store_fsync_duration_seconds").record(d.as_secs_f64()),
     }
 }
 

@@ -307,6 +307,7 @@ fn run(
         s.failed.store(result.is_err(), Ordering::SeqCst);
         if result.is_ok() {
             s.flushed.fetch_max(target, Ordering::SeqCst);
+            crate::admin::metrics::store_fsync(disk.last_sync);
         }
         let ready: Vec<Waiter> = {
             let mut st = lock(&s.state);
