@@ -69,7 +69,8 @@ pub fn key_form(normal: &str) -> String {
     loose.to_lowercase()
 }
 
-fn trim_slash(p: &str) -> &str {
+/// `p` without a trailing `/` (the root stays `/`).
+pub fn trim_slash(p: &str) -> &str {
     match p.strip_suffix('/') {
         Some(rest) if !rest.is_empty() => rest,
         _ => p,

@@ -33,7 +33,7 @@ use super::{
     progress::{Phase, Progress},
     replay::replay,
     rules::RouteRules,
-    tagged, upgrade,
+    shared_replays, tagged, upgrade,
     upstream::UpstreamError,
     Live, Proxy,
 };
@@ -237,7 +237,10 @@ impl Proxy {
                     }
                     tracing::debug!(route = %route.name, key = %req.redacted, "replayed");
                     return Ok(tagged(
-                        replay(&self.replays.share(&req.key, rec), rule.duplicate_status),
+                        replay(
+                            &shared_replays::share(&self.replays, &req.key, rec),
+                            rule.duplicate_status,
+                        ),
                         Outcome::Replayed,
                     ));
                 }

@@ -133,17 +133,10 @@ impl Proxy {
         // Kept for the error log; a `Uri` clone shares its bytes (no copy).
         let uri = req.uri().clone();
         // Rule 13: routes and fingerprints see the normalized path; the upstream gets it as sent.
-        let normal = match crate::key::path::normalize(uri.path()) {
-            Ok(p) => p,
-            Err(e) => {
-                let e = ProxyError::from(e);
-                tracing::debug!(%method, status = 400, code = e.code(), "refused: {e}");
-                live.rules.default_route().counters.count(Outcome::Rejected);
-                return e.response();
-            }
-        };
-        let route = match live.rules.select(&normal, &method) {
-            Ok(r) => r,
+        let selected = crate::key::path::normalize(uri.path())
+            .and_then(|normal| Ok((live.rules.select(&normal, &method)?, normal)));
+        let (route, normal) = match selected {
+            Ok(s) => s,
             Err(e) => {
                 let e = ProxyError::from(e);
                 tracing::debug!(%method, status = 400, code = e.code(), "refused: {e}");

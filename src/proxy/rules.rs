@@ -13,7 +13,7 @@ use globset::{GlobBuilder, GlobMatcher};
 use crate::{
     admin::metrics::RouteCounters,
     config::{defaults::DEFAULT_ROUTE_NAME, Config, Rule},
-    key::path::{match_forms, PathError},
+    key::path::{match_forms, trim_slash, PathError},
 };
 use http::Method;
 
@@ -91,6 +91,10 @@ impl Rules {
     pub fn select(&self, normal_path: &str, method: &Method) -> Result<&RouteRules, PathError> {
         if self.routes.is_empty() {
             return Ok(&self.default);
+        }
+        // Without an escape, a `;` or a `\` both readings are one: no second one to compute.
+        if !normal_path.contains(['%', ';', '\\']) {
+            return Ok(self.first_match(trim_slash(normal_path)));
         }
         let [strict, loose] = match_forms(normal_path);
         let strict_route = self.first_match(&strict);

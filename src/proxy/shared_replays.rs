@@ -1,71 +1,41 @@
-//! Replays of one large record share one copy of its body (contract rule 18), whatever the backend.
-//!
-//! sled hands out a record's bytes as slices of its own buffer, but Redis sends them again for every
-//! retry, so 30 slow readers of one 8 MiB replay would each hold a copy until their download ends. The
-//! first replay of a body of at least [`MIN_SHARED`] bytes registers it here (by store key and the
-//! record's identity: created time, expiry and length); later replays of the same record, while one is
-//! still being sent, take that body and drop their own fresh copy at once. Nothing is kept once the
-//! last reader is done: the map holds weak references only.
+//! Replays of one large record share one copy of its body (contract rule 18), whatever the backend:
+//! sled hands out slices of its own buffers, but Redis sends a record again for every retry, so 30
+//! slow readers of one 8 MiB replay would each hold a copy until their download ends. A body of at
+//! least [`MIN_SHARED`] bytes is shared through [`SharedBytes`] by store key and the record's identity
+//! (created time, expiry, length): a later replay of the same record, while one is still being sent,
+//! takes that body and drops its own fresh copy at once.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+use crate::{
+    key::StoreKey,
+    store::{shared_bytes::SharedBytes, Completed},
 };
-
-use bytes::Bytes;
-
-use crate::{key::StoreKey, store::Completed};
 
 /// Bodies smaller than this are not worth a lookup.
 pub(crate) const MIN_SHARED: usize = 64 * 1024;
 
-/// What identifies one recorded body of one key.
-type Identity = (u64, u64, usize);
-
 /// The large bodies being replayed now.
-#[derive(Debug, Default)]
-pub(crate) struct SharedReplays(Mutex<HashMap<StoreKey, (Identity, Weak<Bytes>)>>);
+pub(crate) type SharedReplays = SharedBytes<StoreKey, (u64, u64, usize)>;
 
-/// Keeps the shared body alive while a response uses it.
-struct Owner(Arc<Bytes>);
-
-impl AsRef<[u8]> for Owner {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
+/// `rec` with its body replaced by the copy already being replayed, if there is one.
+pub(crate) fn share(replays: &SharedReplays, key: &StoreKey, mut rec: Completed) -> Completed {
+    if rec.body.len() < MIN_SHARED {
+        return rec;
     }
-}
-
-impl SharedReplays {
-    /// `rec` with its body replaced by the copy already being replayed, if there is one (else this
-    /// copy becomes the shared one).
-    pub(crate) fn share(&self, key: &StoreKey, mut rec: Completed) -> Completed {
-        if rec.body.len() < MIN_SHARED {
-            return rec;
-        }
-        let id = (rec.created_ms, rec.expires_ms, rec.body.len());
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((known, weak)) = map.get(key) {
-            if *known == id {
-                if let Some(live) = weak.upgrade() {
-                    rec.body = Bytes::from_owner(Owner(live));
-                    return rec;
-                }
-            }
-        }
-        if map.len() >= 256 {
-            map.retain(|_, (_, w)| w.strong_count() > 0);
-        }
-        let shared = Arc::new(std::mem::take(&mut rec.body));
-        map.insert(*key, (id, Arc::downgrade(&shared)));
-        rec.body = Bytes::from_owner(Owner(shared));
-        rec
-    }
+    let id = (rec.created_ms, rec.expires_ms, rec.body.len());
+    let fresh = std::mem::take(&mut rec.body);
+    let shared = replays.share(key, id, || Ok::<_, std::convert::Infallible>(fresh));
+    rec.body = match shared {
+        Ok(b) => b,
+        Err(never) => match never {},
+    };
+    rec
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::key::Fingerprint;
+    use bytes::Bytes;
 
     fn rec(created: u64, body: &[u8]) -> Completed {
         Completed {
@@ -88,17 +58,16 @@ mod tests {
             scope: [2; 32],
         };
         let big = vec![7u8; MIN_SHARED];
-        let a = s.share(&key, rec(1, &big));
-        let b = s.share(&key, rec(1, &big));
+        let a = share(&s, &key, rec(1, &big));
+        let b = share(&s, &key, rec(1, &big));
         assert_eq!(a.body.as_ptr(), b.body.as_ptr(), "one copy");
-        let other = s.share(&key, rec(2, &big));
+        let other = share(&s, &key, rec(2, &big));
         assert_ne!(
             a.body.as_ptr(),
             other.body.as_ptr(),
             "another record of the key"
         );
-        drop((a, b, other));
-        let small = s.share(&key, rec(1, b"tiny"));
+        let small = share(&s, &key, rec(1, b"tiny"));
         assert_eq!(small.body, &b"tiny"[..]);
     }
 }

@@ -32,6 +32,7 @@ pub mod instrumented;
 pub mod memory;
 pub mod record;
 pub mod redis;
+pub mod shared_bytes;
 pub mod sled;
 mod watch;
 

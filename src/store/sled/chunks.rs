@@ -17,14 +17,6 @@
 //! stub that survives a crash has its chunks), and deleted after the one that removes it; chunks that
 //! no stub points to (a crash in between, a lost race) are swept as orphans.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, Weak},
-};
-
-use bytes::Bytes;
-
-use super::unflushed::lock;
 use crate::store::{record::SCHEMA_VERSION, DecodeError, StoreError};
 
 /// Largest record stored inline in `records`.
@@ -172,7 +164,11 @@ pub(super) fn drop_orphans(records: &sled::Tree, chunks: &sled::Tree) -> Result<
 }
 
 /// Reads the whole encoded record a stub stands for.
-fn read(chunks: &sled::Tree, key: &[u8; 64], stub: &Stub) -> Result<Vec<u8>, StoreError> {
+pub(super) fn read(
+    chunks: &sled::Tree,
+    key: &[u8; 64],
+    stub: &Stub,
+) -> Result<Vec<u8>, StoreError> {
     let len = stub.len as usize;
     let mut out = Vec::with_capacity(len);
     let n = len.div_ceil(CHUNK);
@@ -191,57 +187,6 @@ fn read(chunks: &sled::Tree, key: &[u8; 64], stub: &Stub) -> Result<Vec<u8>, Sto
 
 fn corrupt(what: &'static str) -> StoreError {
     StoreError::Corrupt(DecodeError::Corrupt(what))
-}
-
-/// An assembled record, shared by every replay that reads it while one is alive.
-#[derive(Debug)]
-struct Assembled(Arc<Vec<u8>>);
-
-impl AsRef<[u8]> for Assembled {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-/// Assembled large records still in use, by (store key, token): 30 slow readers of one 8 MiB replay
-/// share one copy instead of holding 30 (contract rule 18).
-#[derive(Debug, Default)]
-pub(super) struct Shared(Mutex<HashMap<[u8; 64], Entry>>);
-
-/// The token an assembled record was completed under, and the record while someone holds it.
-type Entry = (u64, Weak<Vec<u8>>);
-
-impl Shared {
-    /// The encoded record a stub stands for, as shared bytes.
-    pub(super) fn get(
-        &self,
-        chunks: &sled::Tree,
-        key: &[u8; 64],
-        stub: &Stub,
-    ) -> Result<Bytes, StoreError> {
-        if let Some(live) = self.live(key, stub.token) {
-            return Ok(Bytes::from_owner(Assembled(live)));
-        }
-        let fresh = Arc::new(read(chunks, key, stub)?);
-        let mut map = lock(&self.0);
-        // Another reader may have assembled it meanwhile: keep one copy.
-        if let Some((t, w)) = map.get(key) {
-            if let (true, Some(live)) = (*t == stub.token, w.upgrade()) {
-                return Ok(Bytes::from_owner(Assembled(live)));
-            }
-        }
-        if map.len() >= 64 {
-            map.retain(|_, (_, w)| w.strong_count() > 0);
-        }
-        map.insert(*key, (stub.token, Arc::downgrade(&fresh)));
-        Ok(Bytes::from_owner(Assembled(fresh)))
-    }
-
-    fn live(&self, key: &[u8; 64], token: u64) -> Option<Arc<Vec<u8>>> {
-        let map = lock(&self.0);
-        let (t, w) = map.get(key)?;
-        (*t == token).then(|| w.upgrade()).flatten()
-    }
 }
 
 #[cfg(test)]
@@ -269,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn chunks_reassemble_share_and_delete() {
+    fn chunks_reassemble_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let tree = db.open_tree("chunks").unwrap();
@@ -282,16 +227,11 @@ mod tests {
             token: 9,
             len: data.len() as u32,
         };
-        let shared = Shared::default();
-        let a = shared.get(&tree, &key, &stub).unwrap();
-        let b = shared.get(&tree, &key, &stub).unwrap();
-        assert_eq!(a, data);
-        assert_eq!(a.as_ptr(), b.as_ptr(), "two readers share one copy");
+        assert_eq!(read(&tree, &key, &stub).unwrap(), data);
         delete(&tree, &key, 9).unwrap();
         assert!(tree.is_empty());
-        drop((a, b));
         assert!(
-            shared.get(&tree, &key, &stub).is_err(),
+            read(&tree, &key, &stub).is_err(),
             "missing chunks are an error"
         );
     }

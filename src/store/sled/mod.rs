@@ -52,6 +52,7 @@ use self::{
 };
 use super::{
     retry_after,
+    shared_bytes::SharedBytes,
     watch::{LiveOwners, Watchers},
     ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
     SweepStats,
@@ -136,8 +137,8 @@ struct Inner {
     records: sled::Tree,
     /// Pieces of large records (see `chunks`).
     chunks: sled::Tree,
-    /// Large records assembled for replays still running.
-    assembled: chunks::Shared,
+    /// Large records assembled for replays still running, by store key and token.
+    assembled: SharedBytes<[u8; 64], u64>,
     /// The sweeper's walk over `records`.
     walk: Mutex<Walk>,
     flusher: Flusher,
@@ -266,7 +267,7 @@ impl Inner {
             meta,
             records,
             chunks,
-            assembled: chunks::Shared::default(),
+            assembled: SharedBytes::default(),
             walk: Mutex::new(Walk {
                 batch: SWEEP_BATCH,
                 ..Walk::default()
@@ -454,7 +455,9 @@ impl Inner {
     /// whose chunks are assembled once and shared by the replays that read it meanwhile.
     fn read_record(&self, key: &[u8; 64], bytes: &sled::IVec) -> Result<Record, StoreError> {
         let whole = match Stub::parse(bytes) {
-            Some(stub) => self.assembled.get(&self.chunks, key, &stub)?,
+            Some(stub) => self.assembled.share(key, stub.token, || {
+                chunks::read(&self.chunks, key, &stub).map(bytes::Bytes::from)
+            })?,
             None => bytes::Bytes::from_owner(bytes.clone()),
         };
         Ok(Record::decode_shared(&whole)?)
