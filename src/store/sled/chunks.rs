@@ -13,10 +13,12 @@
 //! chunk:  key = store key (64) ‖ token u64 ‖ index u32  →  up to CHUNK bytes of the encoded record
 //! ```
 //! `expires_ms` sits where a completed record has it, so the sweeper reads both alike. Chunks are
-//! written before the compare-and-swap that installs their stub (sled's log is replayed in order, so a
-//! stub that survives a crash has its chunks), and deleted after the one that removes it; chunks that
-//! no stub points to (a crash in between, a lost race) are swept as orphans.
+//! written (and logged) before the compare-and-swap that installs their stub (the store's log is
+//! replayed in order, so a stub that survives a crash has its chunks), and deleted after the one that
+//! removes it; chunks that no stub points to (a crash in between, a lost race) are dropped as orphans
+//! at open.
 
+use super::wal::{Entry, Wal};
 use crate::store::{record::SCHEMA_VERSION, DecodeError, StoreError};
 
 /// Largest record stored inline in `records`.
@@ -99,17 +101,33 @@ pub(super) fn owner_of(chunk_key: &[u8]) -> Option<([u8; 64], u64)> {
     Some((key, token))
 }
 
-/// Writes the chunks of `encoded` for (`key`, `token`).
+/// Writes the chunks of `encoded` for (`key`, `token`), each passed to `log` after sled took it (the
+/// store logs them, see `wal`).
 pub(super) fn write(
     chunks: &sled::Tree,
+    log: &dyn Fn(&Entry<'_>),
     key: &[u8; 64],
     token: u64,
     encoded: &[u8],
 ) -> Result<(), StoreError> {
     for (i, piece) in encoded.chunks(CHUNK).enumerate() {
         let index = u32::try_from(i).map_err(|_| corrupt("record too large to chunk"))?;
-        chunks.insert(chunk_key(key, token, index), piece)?;
+        let k = chunk_key(key, token, index);
+        chunks.insert(k, piece)?;
+        log(&Entry::Chunk { key: &k, piece });
     }
+    Ok(())
+}
+
+/// Deletes every chunk of (`key`, `token`) and logs it.
+pub(super) fn drop_logged(
+    chunks: &sled::Tree,
+    wal: &Wal,
+    key: &[u8; 64],
+    token: u64,
+) -> Result<(), StoreError> {
+    delete(chunks, key, token)?;
+    wal.append(&Entry::DropChunks { key, token });
     Ok(())
 }
 
@@ -220,7 +238,7 @@ mod tests {
         let tree = db.open_tree("chunks").unwrap();
         let key = [7u8; 64];
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-        write(&tree, &key, 9, &data).unwrap();
+        write(&tree, &|_| {}, &key, 9, &data).unwrap();
         let stub = Stub {
             created_ms: 0,
             expires_ms: 0,

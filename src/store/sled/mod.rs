@@ -1,38 +1,51 @@
-//! The embedded, durable store on sled 0.34.
+//! The embedded, durable store: sled 0.34 behind a write-ahead log of our own.
 //!
-//! Trees: `records` (store key → encoded [`Record`]) and `meta` (schema version). Every state change is
-//! a `compare_and_swap` on `records`, retried from the current value when it loses a race, so two
-//! claimers can never both win. A first-seen key is claimed with a read and one compare-and-swap, and
-//! its owner completes it with one more (expecting the claim bytes it wrote, no read): two tree writes
-//! and one read per request.
+//! Trees: `records` (store key → encoded [`Record`]), `chunks` (pieces of large records) and `meta`
+//! (schema version, checkpoint marks). Every state change is a `compare_and_swap` on `records`, retried
+//! from the current value when it loses a race, so two claimers can never both win. A first-seen key
+//! is claimed with a read and one compare-and-swap, and its owner completes it with one more
+//! (expecting the claim bytes it wrote, no read). Each change is then appended to the log (`wal`),
+//! and durability is the log's: one `fdatasync` of a preallocated segment shared by every write
+//! queued meanwhile. sled is never flushed on the request path; `checkpoint` flushes it now and then,
+//! and `recover` applies the log's tail after a crash.
+//!
+//! ```text
+//!   claim/complete/release ─▶ sled tree (in memory) ─▶ wal append ─▶ group fdatasync ─▶ acknowledged
+//!                                        └────────── checkpoint: sled flush + fsync ──▶ log reused
+//! ```
 //!
 //! Files of this folder, each owning one job:
-//! - `flusher`: the one thread that flushes (group commit), and `disk_sync`: the `fdatasync`/`fsync`
-//!   calls after each flush that sled leaves out (it only `sync_file_range`s), so `sync = "always"`
-//!   survives a power cut, not just a crash; also the data dir's private permissions.
-//! - `unflushed`: results written but not yet durable (a replay waits for their flush).
-//! - `size`: the exact byte count of live records behind `[store] max_size`.
+//! - `wal/`: the log (format, segments, the writer thread and its group commit);
+//! - `checkpoint`: the thread that makes sled durable up to a cut of the log; `recover`: the replay;
+//! - `disk_sync`: the `fdatasync`/`fsync` calls sled leaves out (it only `sync_file_range`s), and the
+//!   data dir's private permissions;
+//! - `unflushed`: results written but not yet durable (a replay waits for their sync);
+//! - `size`: the exact byte count of live records behind `[store] max_size`; `space`: the free-disk
+//!   guard; `chunks`: large records in pieces; `reopen`: recovery in place after a write error;
 //! - `sweep`: the bounded walk that deletes lapsed records.
 //!
-//! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once the write is
-//! flushed and synced (group commit), and a replay of a result whose flush is still pending waits for
-//! that flush, so a client never sees a result that a crash or a power cut could take back.
+//! Durability: with `sync = "always"`, `claim`, `complete` and `release` return only once their log
+//! entry is synced, and a replay of a result whose sync is still pending waits for it, so a client
+//! never sees a result that a crash or a power cut could take back.
 //!
-//! sled calls are synchronous but short (in-memory tree operations); the fsync runs on the flusher
-//! thread and the sweep in `spawn_blocking`.
+//! sled calls are synchronous but short (in-memory tree operations); the syncs run on the log's
+//! thread, checkpoints on their own, and the sweep in `spawn_blocking`.
 
 use std::{
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{atomic::AtomicU64, Arc, Mutex},
     time::Duration,
 };
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 
+mod checkpoint;
 mod chunks;
 mod disk_sync;
-mod flusher;
+mod key_filter;
+mod overlay;
+mod recover;
 mod reopen;
 mod size;
 mod space;
@@ -40,15 +53,19 @@ mod sweep;
 #[cfg(test)]
 mod tests;
 mod unflushed;
+mod wal;
 
 use self::{
+    checkpoint::{Checkpointer, Parts},
     chunks::{Stub, INLINE_MAX},
     disk_sync::DiskSync,
-    flusher::{FlushStats, Flusher},
+    key_filter::KeyFilter,
+    overlay::Overlay,
     size::{record_size, weigh, Size},
     space::{SpaceGuard, CLAIM_RESERVE, RESULT_RESERVE},
     sweep::{Walk, SWEEP_BATCH},
     unflushed::{lock, remove_if, Unflushed, UnflushedMap},
+    wal::{CheckpointSignal, Entry, Wal},
 };
 use super::{
     retry_after,
@@ -116,10 +133,11 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
-/// Fencing tokens without a sled call per claim: `block` comes from sled's id generator (monotonic
-/// across restarts and crashes) and the low [`TOKEN_BITS`] bits count claims within it, so every token
-/// is larger than all tokens issued before, in this process or an earlier one. A new block is taken
-/// every 2^TOKEN_BITS claims.
+/// Fencing tokens without a write per claim: the high bits are a block number, the low [`TOKEN_BITS`]
+/// bits count claims within it, so every token is larger than all tokens issued before, in this
+/// process or an earlier one. A new block (the next number) is taken every 2^TOKEN_BITS claims and
+/// logged before any claim uses it; at open the block is above every block logged or checkpointed
+/// (`recover`), and above sled's id generator, which earlier versions took blocks from.
 #[derive(Debug)]
 struct Tokens {
     block: u64,
@@ -141,7 +159,14 @@ struct Inner {
     assembled: SharedBytes<[u8; 64], u64>,
     /// The sweeper's walk over `records`.
     walk: Mutex<Walk>,
-    flusher: Flusher,
+    /// The write-ahead log: durability of every change.
+    wal: Arc<Wal>,
+    /// Makes sled durable up to a cut of the log, so the log's segments can be reused.
+    checkpointer: Checkpointer,
+    /// Changes not yet applied to sled (claims are decided in memory, see `overlay`).
+    overlay: Arc<Overlay>,
+    /// Keys that may be in `records`: a first-seen key is claimed without a read.
+    filter: KeyFilter,
     sync: SyncPolicy,
     /// Claims whose owner is alive in this process: token → store key and the claim's stored bytes
     /// (so `complete` and `release` swap them out without reading the record first).
@@ -151,6 +176,8 @@ struct Inner {
     unflushed: UnflushedMap,
     /// Fencing tokens: see [`Tokens`].
     tokens: Mutex<Tokens>,
+    /// The token block in use, for checkpoints.
+    block: Arc<AtomicU64>,
     /// Bytes of live records, against `max_size`.
     size: Arc<Size>,
     /// Free disk space, checked before each write.
@@ -221,7 +248,7 @@ impl Inner {
         let db = sled::Config::new()
             .path(&opts.path)
             .cache_capacity(opts.cache_capacity)
-            // The flusher thread is the only caller of flush (see `flusher`).
+            // Checkpoints are the only flushes (see `checkpoint`).
             .flush_every_ms(None)
             .open()?;
         let meta = db.open_tree("meta")?;
@@ -244,21 +271,48 @@ impl Inner {
         if db.tree_names().iter().any(|n| n.as_ref() == b"expiry") {
             db.drop_tree("expiry")?;
         }
-        let block = db.generate_id()?;
         let chunks = db.open_tree("chunks")?;
+        // The log's entries after the last checkpoint, applied again (a crash, a power cut).
+        let rec = recover::recover(&opts.path, &meta, &records, &chunks)?;
         chunks::drop_orphans(&records, &chunks)?;
         let size = Size::open(&meta, &records, fresh, opts.max_size)?;
-        // The saved count is gone for good before any write: a crash from here on is counted again.
+        let block = db.generate_id()?.max(rec.block + 1);
+        // Everything replayed (and the saved count's removal) is durable before the log is reused.
+        meta.insert(checkpoint::APPLIED, &(rec.next - 1).to_be_bytes())?;
         db.flush()?;
-        let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
-        let claims = Arc::clone(&live);
         disk_sync::make_private(&opts.path).map_err(backend_err)?;
         let disk = DiskSync::open(&opts.path).map_err(backend_err)?;
-        let flusher = Flusher::start(
-            db.clone(),
-            disk,
-            every,
-            Box::new(move || claims.len()),
+        let every = (opts.sync == SyncPolicy::Periodic).then_some(opts.periodic_flush);
+        let claims = Arc::clone(&live);
+        let signal = Arc::new(CheckpointSignal::default());
+        let wal = Arc::new(
+            Wal::start(
+                rec.pool,
+                rec.next,
+                every,
+                Box::new(move || claims.len()),
+                Arc::clone(&signal),
+                hook.callback(),
+            )
+            .map_err(backend_err)?,
+        );
+        // Claims of this block are acknowledged only after this entry is synced (it comes first).
+        wal.append(&Entry::TokenBlock(block));
+        let block_mark = Arc::new(AtomicU64::new(block));
+        let overlay = Arc::new(Overlay::default());
+        let filter = KeyFilter::open(&records, &overlay);
+        let checkpointer = Checkpointer::start(
+            Arc::new(Parts {
+                db: db.clone(),
+                meta: meta.clone(),
+                disk: Mutex::new(disk),
+                wal: Arc::clone(&wal),
+                overlay: Arc::clone(&overlay),
+                records: records.clone(),
+                block: Arc::clone(&block_mark),
+                since: AtomicU64::new(0),
+            }),
+            signal,
             hook.callback(),
         )
         .map_err(backend_err)?;
@@ -272,11 +326,15 @@ impl Inner {
                 batch: SWEEP_BATCH,
                 ..Walk::default()
             }),
-            flusher,
+            wal,
+            checkpointer,
+            overlay,
+            filter,
             sync: opts.sync,
             live,
             unflushed: Mutex::default(),
             tokens: Mutex::new(Tokens { block, used: 0 }),
+            block: block_mark,
             size,
             space: SpaceGuard::new(opts.path.clone()),
             watchers,
@@ -292,13 +350,14 @@ impl SledStore {
     }
 
     /// Group-commit counters.
-    pub fn flush_stats(&self) -> FlushStats {
-        self.inner().map(|i| i.flusher.stats()).unwrap_or_default()
+    pub fn flush_stats(&self) -> wal::FlushStats {
+        self.inner().map(|i| i.wal.stats()).unwrap_or_default()
     }
 
     /// Number of records (live or not yet swept).
     pub fn len(&self) -> usize {
-        self.inner().map_or(0, |i| i.records.len())
+        self.inner()
+            .map_or(0, |i| i.apply().map_or(0, |()| i.records.len()))
     }
 
     /// Whether there are no records.
@@ -317,7 +376,7 @@ impl SledStore {
     /// and the admin listener are stopped): the `max_size` count is saved for a fast next open.
     pub fn close(&self, clean: bool) {
         let Ok(inner) = self.inner() else { return };
-        if inner.flusher.stalled().is_some() {
+        if inner.stalled().is_some() {
             tracing::error!("the store's flush is stuck: exiting without a final flush");
             inner.leak();
             return;
@@ -327,8 +386,14 @@ impl SledStore {
                 tracing::warn!(error = %e, "could not save the store's size; the next start counts it");
             }
         }
-        inner.flusher.stop();
-        let _ = inner.db.flush();
+        // The last entries synced, then a last checkpoint: the next open has nothing to replay.
+        inner.checkpointer.stop();
+        inner.wal.stop();
+        if !inner.wal.failed() {
+            if let Err(e) = inner.checkpointer.parts.run() {
+                tracing::warn!(error = %e, "final checkpoint failed; the next start replays the log");
+            }
+        }
     }
 }
 
@@ -339,7 +404,13 @@ impl Inner {
         std::mem::forget(self.db.clone());
         std::mem::forget(self.records.clone());
         std::mem::forget(self.chunks.clone());
-        self.flusher.detach();
+        self.checkpointer.detach();
+        self.wal.detach();
+    }
+
+    /// How long a sync of the log, or a checkpoint, has been stuck (see [`wal::STALL`]).
+    fn stalled(&self) -> Option<Duration> {
+        self.wal.stalled().or_else(|| self.checkpointer.stalled())
     }
 
     /// A record that no longer counts: completed past its TTL, or a claim past its lease whose owner is
@@ -351,10 +422,10 @@ impl Inner {
         }
     }
 
-    /// Waits until the writes made so far are durable (no-op with `sync = "periodic"`).
+    /// Waits until the log entries up to `seq` are durable (no-op with `sync = "periodic"`).
     async fn durable(&self, seq: u64) -> Result<(), StoreError> {
         match self.sync {
-            SyncPolicy::Always => self.flusher.durable(seq).await,
+            SyncPolicy::Always => self.wal.durable(seq).await,
             SyncPolicy::Periodic => Ok(()),
         }
     }
@@ -362,7 +433,7 @@ impl Inner {
     /// [`durable`](Self::durable) for a claim's own write (its owner is counted as live).
     async fn durable_claim(&self, seq: u64) -> Result<(), StoreError> {
         match self.sync {
-            SyncPolicy::Always => self.flusher.durable_claim(seq).await,
+            SyncPolicy::Always => self.wal.durable_claim(seq).await,
             SyncPolicy::Periodic => Ok(()),
         }
     }
@@ -375,7 +446,7 @@ impl Inner {
         key: &[u8; 64],
         token: u64,
     ) -> Result<Option<(sled::IVec, InFlight)>, StoreError> {
-        let cur = self.records.get(key)?;
+        let cur = self.get(key)?;
         if let Some(bytes) = cur.filter(|b| !chunks::is_stub(b)) {
             if let Record::InFlight(f) = Record::decode(&bytes)? {
                 if f.token == token {
@@ -391,8 +462,12 @@ impl Inner {
     fn next_token(&self) -> Result<u64, StoreError> {
         let mut t = lock(&self.tokens);
         if t.used == 1 << TOKEN_BITS {
-            t.block = self.db.generate_id()?;
+            t.block += 1;
             t.used = 0;
+            // Logged before any claim of the block: that claim's sync covers it.
+            self.wal.append(&Entry::TokenBlock(t.block));
+            self.block
+                .store(t.block, std::sync::atomic::Ordering::SeqCst);
         }
         t.used += 1;
         Ok((t.block << TOKEN_BITS) | t.used)
@@ -414,41 +489,93 @@ impl Inner {
         self.claim_of(key, token)
     }
 
-    /// One compare-and-swap; `Ok(false)` when another writer got there first.
+    /// One compare-and-swap; `Ok(None)` when another writer got there first, else the sequence
+    /// number of its log entry.
     fn cas(
         &self,
         key: &[u8; 64],
         old: Option<&sled::IVec>,
         new: Option<Vec<u8>>,
-    ) -> Result<bool, StoreError> {
-        Ok(self.swap(key, old, new.map(sled::IVec::from))?.is_ok())
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self.swap(key, old, new.map(sled::IVec::from))?.ok())
     }
 
-    /// One compare-and-swap on `records`, with what follows one that took effect: the `max_size`
-    /// count moved by the exact sizes swapped (chunks included), and the chunks of a replaced stub
-    /// deleted. The inner `Err` holds the current value when another writer got there first.
+    /// One compare-and-swap on `records`, decided in memory (see `overlay`), with what follows one
+    /// that took effect: its log entry (under the key's lock, so the log has the key's changes in
+    /// order), the `max_size` count moved by the exact sizes swapped (chunks included), and the chunks
+    /// of a replaced stub deleted. `Ok` holds the log entry's sequence number; the inner `Err` the
+    /// current value when another writer got there first.
     fn swap(
         &self,
         key: &[u8; 64],
         old: Option<&sled::IVec>,
         new: Option<sled::IVec>,
-    ) -> Result<Result<(), Option<sled::IVec>>, StoreError> {
+    ) -> Result<Result<u64, Option<sled::IVec>>, StoreError> {
         let sizes = (
             old.map_or(0, |v| weigh(v)),
             new.as_ref().map_or(0, |v| weigh(v)),
         );
-        let mut hold = self.size.write();
-        match self.records.compare_and_swap(key, old, new)? {
-            Ok(()) => {
-                self.size.swapped(&mut hold, key, sizes.0, sizes.1);
-                drop(hold);
-                if let Some(stub) = old.and_then(|o| Stub::parse(o)) {
-                    chunks::delete(&self.chunks, key, stub.token)?;
-                }
-                Ok(Ok(()))
-            }
-            Err(lost) => Ok(Err(lost.current)),
+        let mut shard = self.overlay.shard(key);
+        let current = match shard.get(key) {
+            Some(v) => v.clone(),
+            // Under the key's lock the filter is exact for this key (see `key_filter`).
+            None if self.filter.may_contain(key) => self.records.get(key)?,
+            None => None,
+        };
+        if current.as_deref() != old.map(|o| o.as_ref()) {
+            return Ok(Err(current));
         }
+        if current.is_none() && new.is_some() {
+            // Before the key can reach sled (the overlay is applied under this lock).
+            self.filter.insert(key, &self.records, &self.overlay);
+        }
+        let mut hold = self.size.write();
+        let seq = self.wal.append(&Entry::Record {
+            key,
+            value: new.as_deref(),
+        });
+        if hold.counting() {
+            // A background count walks sled: it must see this change now.
+            shard.remove(key);
+            match &new {
+                Some(v) => self.records.insert(key, v.clone())?,
+                None => self.records.remove(key)?,
+            };
+        } else {
+            shard.insert(*key, new);
+        }
+        drop(shard);
+        self.size.swapped(&mut hold, key, sizes.0, sizes.1);
+        drop(hold);
+        if let Some(stub) = old.and_then(|o| Stub::parse(o)) {
+            chunks::drop_logged(&self.chunks, &self.wal, key, stub.token)?;
+        }
+        Ok(Ok(seq))
+    }
+
+    /// The current value of `key`: the overlay's, or else sled's (not read when the filter knows the
+    /// key was never stored).
+    fn get(&self, key: &[u8; 64]) -> Result<Option<sled::IVec>, StoreError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v);
+        }
+        if !self.filter.may_contain(key) {
+            return Ok(None);
+        }
+        Ok(self.records.get(key)?)
+    }
+
+    /// Applies the overlay to sled (before a walk over `records`).
+    fn apply(&self) -> Result<(), StoreError> {
+        self.overlay.apply(&self.records)?;
+        Ok(())
+    }
+
+    /// The sequence number that covers a change of `key` made so far, even one still between its
+    /// decision and its log entry (the key's lock waits for that).
+    fn covering(&self, key: &[u8; 64]) -> u64 {
+        let _shard = self.overlay.shard(key);
+        self.wal.appended()
     }
 
     /// Decodes a stored value: an inline record (its body a slice of sled's buffer), or a stub
@@ -473,7 +600,7 @@ impl SledStore {
         if let Err(StoreError::Backend { source, .. }) = &r {
             if source.downcast_ref::<sled::Error>().is_some() {
                 if let Ok(inner) = self.inner() {
-                    inner.flusher.check();
+                    inner.checkpointer.request();
                 }
             }
         }
@@ -491,8 +618,9 @@ impl SledStore {
         let kb = key.to_bytes();
         // Read first: retries and duplicates (replays, 409s) are answered from the read alone, with no
         // token, no live-owner entry and no failed write; a first-seen key then costs one
-        // compare-and-swap expecting what was read.
-        let mut cur = s.records.get(kb)?;
+        // compare-and-swap expecting what was read. A key sled never had is not read from sled at all
+        // (see `key_filter`), and the compare-and-swap is decided in memory (see `overlay`).
+        let mut cur = s.get(&kb)?;
         loop {
             let now = s.clock.now_ms();
             let lapsed_stub = cur
@@ -518,8 +646,8 @@ impl SledStore {
                                 let waited = match pending {
                                     None => Ok(()),
                                     Some(entry @ (_, seq)) => {
-                                        let seq = if seq == 0 { s.flusher.wrote() } else { seq };
-                                        let r = s.flusher.durable(seq).await;
+                                        let seq = if seq == 0 { s.covering(&kb) } else { seq };
+                                        let r = s.wal.durable(seq).await;
                                         if r.is_ok() {
                                             // Durable now, whoever wrote it: settle a kept entry.
                                             remove_if(&s.unflushed, &kb, |e| e == entry);
@@ -557,8 +685,8 @@ impl SledStore {
             // (with a lease of a few ms it could otherwise delete it as lapsed).
             s.live.insert(token, (*key, encoded.clone()));
             let swapped = s.swap(&kb, cur.as_ref(), Some(encoded.clone()));
-            match swapped {
-                Ok(Ok(())) => {}
+            let seq = match swapped {
+                Ok(Ok(seq)) => seq,
                 Ok(Err(current)) => {
                     s.live.remove(token);
                     cur = current; // a record exists, or changed since it was read: look at it
@@ -568,7 +696,7 @@ impl SledStore {
                     s.live.remove(token);
                     return Err(e);
                 }
-            }
+            };
             // If this future is dropped while it waits (the client went away), the claim must not
             // stay "owned by a live process" forever: the guard abandons it to its lease.
             let mut guard = AbandonOnDrop {
@@ -576,7 +704,7 @@ impl SledStore {
                 token,
                 armed: true,
             };
-            let durable = s.durable_claim(s.flusher.wrote()).await;
+            let durable = s.durable_claim(seq).await;
             guard.armed = false;
             if let Err(e) = durable {
                 // Not durable: take the claim back so the client's retry is not refused for a lease.
@@ -646,7 +774,15 @@ impl SledStore {
                     len: u32::try_from(encoded.len())
                         .map_err(|_| backend_err(std::io::Error::other("record over 4 GiB")))?,
                 };
-                chunks::write(&s.chunks, &kb, token, &encoded)?;
+                chunks::write(
+                    &s.chunks,
+                    &|e| {
+                        s.wal.append(e);
+                    },
+                    &kb,
+                    token,
+                    &encoded,
+                )?;
                 encoded = stub.encode();
             }
             // Listed as unflushed before the CAS, so a replay that sees the result also sees the
@@ -654,15 +790,14 @@ impl SledStore {
             let pending =
                 (s.sync == SyncPolicy::Always).then(|| Unflushed::new(&s.unflushed, kb, token));
             let swapped = s.cas(&kb, Some(&cur), Some(encoded));
-            if chunked && !matches!(swapped, Ok(true)) {
-                chunks::delete(&s.chunks, &kb, token)?;
+            if chunked && !matches!(swapped, Ok(Some(_))) {
+                chunks::drop_logged(&s.chunks, &s.wal, &kb, token)?;
             }
-            let seq = s.flusher.wrote();
+            let Some(seq) = swapped? else {
+                continue;
+            };
             if let Some(p) = &pending {
                 p.covered_by(seq);
-            }
-            if !swapped? {
-                continue;
             }
             s.live.remove(token);
             let durable = s.durable(seq).await;
@@ -685,11 +820,11 @@ impl SledStore {
             let Some((cur, _)) = s.current_claim(&kb, token, known.take())? else {
                 return Ok(Committed::Stale);
             };
-            if !s.cas(&kb, Some(&cur), None)? {
+            let Some(seq) = s.cas(&kb, Some(&cur), None)? else {
                 continue;
-            }
+            };
             s.live.remove(token);
-            let durable = s.durable(s.flusher.wrote()).await;
+            let durable = s.durable(seq).await;
             s.watchers.notify(key);
             durable?;
             return Ok(Committed::Done);
@@ -701,7 +836,7 @@ impl SledStore {
         let s = &*inner;
         let now = s.clock.now_ms();
         let kb = key.to_bytes();
-        let Some(bytes) = s.records.get(kb)? else {
+        let Some(bytes) = s.get(&kb)? else {
             return Ok(None);
         };
         let rec = s.read_record(&kb, &bytes)?;
@@ -713,6 +848,7 @@ impl SledStore {
         let s = &*inner;
         let now = s.clock.now_ms();
         let mut out = Vec::new();
+        s.apply()?;
         for item in s.records.scan_prefix(id) {
             let (k, v) = item?;
             let Some(key) = StoreKey::from_bytes(&k) else {
@@ -731,20 +867,23 @@ impl SledStore {
         let s = &*inner;
         s.space.admit(0, RESULT_RESERVE)?;
         let mut n = 0;
+        s.apply()?;
         for item in s.records.scan_prefix(id) {
             let (k, v) = item?;
             if s.cas(
                 &<[u8; 64]>::try_from(k.as_ref()).map_err(backend_err_len)?,
                 Some(&v),
                 None,
-            )? {
+            )?
+            .is_some()
+            {
                 n += 1;
                 if let Some(key) = StoreKey::from_bytes(&k) {
                     s.watchers.notify(&key);
                 }
             }
         }
-        s.durable(s.flusher.wrote()).await?;
+        s.durable(s.wal.appended()).await?;
         Ok(n)
     }
 }
@@ -807,17 +946,15 @@ impl Store for SledStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.inner()?.flusher.durable_now().await
+        self.inner()?.wal.durable_now().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let inner = self.inner()?;
-        if inner.flusher.failed() {
-            return Err(backend_err(std::io::Error::other(
-                "the last flush to disk failed",
-            )));
+        if inner.wal.failed() {
+            return Err(backend_err(std::io::Error::other("a write to disk failed")));
         }
-        if let Some(d) = inner.flusher.stalled() {
+        if let Some(d) = inner.stalled() {
             return Err(backend_err(std::io::Error::other(format!(
                 "a flush to disk has not returned for {d:?}"
             ))));
@@ -836,7 +973,7 @@ impl Store for SledStore {
         let Ok(inner) = self.inner() else {
             return super::BackendStats::default();
         };
-        let f = inner.flusher.stats();
+        let f = inner.wal.stats();
         super::BackendStats {
             size_on_disk: inner.db.size_on_disk().ok(),
             // Unknown while the records are counted again after a crash.

@@ -2,13 +2,15 @@
 //! disk has room again (contract rule 14), without a restart.
 //!
 //! sled 0.34 turns a failed log write (`ENOSPC`, `EIO`) into a sticky error: from then on every call
-//! fails, until the database is opened again. When a flush fails, the flusher calls the [`Hook`], which
+//! fails, until the database is opened again. When a checkpoint (sled's flush) or a write of the log
+//! fails, the failing thread calls the [`Hook`], which
 //! starts one reopen thread:
 //! 1. the broken database is taken out of service (calls fail at once with a store error: 503
-//!    `store-unavailable`) and its flusher thread is stopped;
+//!    `store-unavailable`) and its log writer and checkpoint threads are stopped;
 //! 2. once every handle to it is gone (calls in progress end quickly, with errors) and the file system
 //!    has room again, the data dir is opened anew — sled recovers it from disk, which holds everything
-//!    that was acknowledged, since nothing is acknowledged before it is flushed — and put back.
+//!    that was acknowledged (what sled lost since its last checkpoint is replayed from the log, see
+//!    `recover`), and put back.
 //!
 //! Claims of live owners, watchers and settings live outside the database and carry over. The wait is
 //! polled with a backoff (50 ms up to 1 s): what it waits for — room on a disk other processes fill
@@ -21,7 +23,8 @@ use std::{
 
 use super::{space::SpaceGuard, Inner, Shared, CLAIM_RESERVE};
 
-/// What the flusher calls when a flush fails; armed with the store once it exists.
+/// What the log writer or the checkpoint thread calls when a write fails; armed with the store once
+/// it exists.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Hook(Arc<OnceLock<Weak<Shared>>>);
 
@@ -61,7 +64,7 @@ fn run(weak: &Weak<Shared>) {
         shared.reopening.store(false, Ordering::SeqCst);
         return;
     };
-    if let Some(d) = old.flusher.stalled() {
+    if let Some(d) = old.stalled() {
         // sled is wedged, not just failed: its flush will never return, and its lock on the data
         // dir is never released. Nothing in this process can open the data dir again.
         tracing::error!(
@@ -75,7 +78,9 @@ fn run(weak: &Weak<Shared>) {
         "a write to the store failed: it is out of service until it is reopened (503 \
          store-unavailable meanwhile; reads of acknowledged results come back with it)"
     );
-    old.flusher.stop();
+    // The log's writer syncs what it can: the reopen replays it into sled.
+    old.checkpointer.stop();
+    old.wal.stop();
     let gone = Arc::downgrade(&old);
     drop(old);
     let space = SpaceGuard::new(shared.opts.path.clone());

@@ -58,6 +58,13 @@ struct Walk {
 /// A write's hold on the count while a background count runs (see [`Size::write`]).
 pub(super) struct Hold<'a>(Option<MutexGuard<'a, Option<Walk>>>);
 
+impl Hold<'_> {
+    /// A background count runs: writes go to sled at once (the walk must see them, see `overlay`).
+    pub(super) fn counting(&self) -> bool {
+        matches!(&self.0, Some(g) if g.is_some())
+    }
+}
+
 /// The size counted for a record whose encoded value is `value_len` bytes.
 pub(super) fn record_size(value_len: usize) -> u64 {
     (StoreKey::LEN + value_len) as u64

@@ -32,6 +32,8 @@ impl Inner {
     /// One slice of the walk over `records`: from where the last sweep stopped to the end, then from
     /// the start back to there, at most `walk.batch` records. On an error the walk stays where it was.
     pub(super) fn sweep_blocking(&self) -> Result<SweepStats, StoreError> {
+        // The walk is over sled: changes still in the overlay are applied first.
+        self.apply()?;
         let now = self.clock.now_ms();
         let mut stats = SweepStats::default();
         let mut walk = lock(&self.walk).clone();

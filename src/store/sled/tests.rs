@@ -3,6 +3,22 @@
 use super::{unflushed::*, *};
 use crate::clock::ManualClock;
 
+/// Opens the store at `dir` again. sled's IO threads may hold the directory lock for a moment after
+/// the last handle is dropped (there is no event to wait for): the open is retried, bounded.
+fn reopen(dir: &Path, sync: SyncPolicy, clock: &Arc<ManualClock>) -> SledStore {
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match open_default(dir, sync, clock.clone()) {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() < give_up => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// A claim left by a crash (no clean close) is swept after its lease by the walk over the records.
 #[tokio::test]
 async fn claims_left_by_a_crash_are_swept_after_their_lease() {
@@ -21,7 +37,7 @@ async fn claims_left_by_a_crash_are_swept_after_their_lease() {
         ));
         // Dropped without `close`: like a crash after the claim was made durable.
     }
-    let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
+    let s = reopen(dir.path(), SyncPolicy::Always, &clock);
     clock.advance(lease.as_millis() as u64 - 1);
     assert_eq!(
         s.sweep().await.unwrap().expired,
@@ -113,19 +129,7 @@ async fn tokens_grow_across_reopen() {
     let clock = Arc::new(ManualClock::new(10_000_000));
     let mut last = 0;
     for round in 0..3u8 {
-        // sled's IO threads may hold the directory lock for a moment after the last handle is
-        // dropped (there is no event to wait for): retry the open, bounded.
-        let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        let s = loop {
-            match open_default(dir.path(), SyncPolicy::Periodic, clock.clone()) {
-                Ok(s) => break s,
-                Err(e) if std::time::Instant::now() < give_up => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let s = reopen(dir.path(), SyncPolicy::Periodic, &clock);
         for i in 0..3u8 {
             let token = claimed(&s, [round * 3 + i; 32]).await;
             assert!(token > last, "token {token} after {last}");
@@ -238,21 +242,16 @@ async fn orphan_chunks_are_dropped_at_open() {
     let clock = Arc::new(ManualClock::new(10_000_000));
     {
         let s = open_default(dir.path(), SyncPolicy::Always, clock.clone()).unwrap();
-        super::chunks::write(&s.inner().unwrap().chunks, &[9; 64], 77, &[1u8; 10_000]).unwrap();
+        let inner = s.inner().unwrap();
+        let log = |e: &super::wal::Entry<'_>| {
+            inner.wal.append(e);
+        };
+        super::chunks::write(&inner.chunks, &log, &[9; 64], 77, &[1u8; 10_000]).unwrap();
+        drop(inner);
         s.flush().await.unwrap();
         s.close(true);
     }
-    let give_up = std::time::Instant::now() + Duration::from_secs(10);
-    let s = loop {
-        match open_default(dir.path(), SyncPolicy::Always, clock.clone()) {
-            Ok(s) => break s,
-            Err(e) if std::time::Instant::now() < give_up => {
-                assert!(e.to_string().contains("lock"), "{e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let s = reopen(dir.path(), SyncPolicy::Always, &clock);
     assert!(s.inner().unwrap().chunks.is_empty());
     assert_eq!(s.stats().live_bytes, Some(0));
 }
@@ -263,19 +262,7 @@ async fn orphan_chunks_are_dropped_at_open() {
 async fn the_live_byte_count_is_exact_after_a_clean_stop_and_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(10_000_000));
-    let reopen = || {
-        let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match open_default(dir.path(), SyncPolicy::Always, clock.clone()) {
-                Ok(s) => return s,
-                Err(e) if std::time::Instant::now() < give_up => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
+    let reopen = || reopen(dir.path(), SyncPolicy::Always, &clock);
     let s = reopen();
     for i in 0..10u8 {
         claimed(&s, [i; 32]).await;

@@ -1,0 +1,226 @@
+//! A Bloom filter of the keys that may be in sled's `records`, so that a first-seen key is claimed
+//! without reading sled (a read of a missing key costs as much as a write: a walk down sled's tree).
+//!
+//! It never says "absent" for a key sled has: a key is added under its overlay lock when its first
+//! value enters the overlay, before the overlay can be applied to sled (see `overlay`), and a rebuild
+//! installs its new filter with every overlay shard locked and adds the keys the overlay holds then,
+//! before it walks sled. So under the key's lock, "absent" is exact; a false "maybe" costs one read.
+//!
+//! Built in the background at open and again whenever it holds more keys than it was sized for (the
+//! false-positive rate would climb; deleted keys are never removed, so sweeping leaves them until the
+//! next build). While a build runs the filter answers "maybe" to everything, and takes inserts.
+
+use std::sync::{
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+    Arc,
+};
+
+use arc_swap::ArcSwap;
+use fastbloom::AtomicBloomFilter;
+
+use super::overlay::Overlay;
+
+/// Fewest keys a filter is sized for.
+const MIN_CAPACITY: usize = 1 << 16;
+/// Target false-positive rate (a false positive costs one read).
+const FALSE_POSITIVES: f64 = 0.01;
+
+#[derive(Debug)]
+struct Filter {
+    bloom: AtomicBloomFilter,
+    capacity: usize,
+    inserted: AtomicUsize,
+    /// Every key of `records` is in it (the build's walk is done).
+    ready: AtomicBool,
+}
+
+impl Filter {
+    fn new(capacity: usize) -> Self {
+        Self {
+            bloom: AtomicBloomFilter::with_false_pos(FALSE_POSITIVES).expected_items(capacity),
+            capacity,
+            inserted: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+/// The filter, swapped whole by each build. Dropping it stops a build and waits for its thread (which
+/// holds the database open).
+#[derive(Debug)]
+pub(super) struct KeyFilter {
+    current: Arc<ArcSwap<Filter>>,
+    building: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for KeyFilter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let handle = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The filter's hash of a store key (two digests: its first 8 bytes of each are uniform already).
+fn hash(key: &[u8; 64]) -> u64 {
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    word(0) ^ word(32).rotate_left(29)
+}
+
+impl KeyFilter {
+    /// Starts the first build over `records`.
+    pub(super) fn open(records: &sled::Tree, overlay: &Arc<Overlay>) -> Self {
+        let f = Self {
+            current: Arc::new(ArcSwap::from_pointee(Filter::new(MIN_CAPACITY))),
+            building: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: std::sync::Mutex::new(None),
+        };
+        f.rebuild(records, overlay, 0);
+        f
+    }
+
+    /// Whether `key` may be in `records` ("yes" while a build runs).
+    pub(super) fn may_contain(&self, key: &[u8; 64]) -> bool {
+        let f = self.current.load();
+        !f.ready.load(Ordering::Acquire) || f.bloom.contains_hash(hash(key))
+    }
+
+    /// Adds `key` (under its overlay lock, before it can reach `records`); starts a larger build when
+    /// this one is full.
+    pub(super) fn insert(&self, key: &[u8; 64], records: &sled::Tree, overlay: &Arc<Overlay>) {
+        let f = self.current.load();
+        f.bloom.insert_hash(hash(key));
+        let n = f.inserted.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > f.capacity && f.ready.load(Ordering::Acquire) {
+            self.rebuild(records, overlay, n);
+        }
+    }
+
+    /// Builds a filter for at least twice the keys in `records` (or `hint`) on a thread of its own,
+    /// unless a build runs already.
+    fn rebuild(&self, records: &sled::Tree, overlay: &Arc<Overlay>, hint: usize) {
+        if self.building.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (current, building, records, overlay, stop) = (
+            Arc::clone(&self.current),
+            Arc::clone(&self.building),
+            records.clone(),
+            Arc::clone(overlay),
+            Arc::clone(&self.stop),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("idemproxy-keyfilter".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let count = records.len().max(hint);
+                let next = Arc::new(Filter::new((count * 2).max(MIN_CAPACITY)));
+                // Installed before the walk, with every overlay shard locked: writers insert into it
+                // from now on, and the keys already in the overlay (not yet in sled) are added now.
+                {
+                    let shards = overlay.lock_all();
+                    current.store(Arc::clone(&next));
+                    for k in shards.iter().flat_map(|s| s.keys()) {
+                        next.bloom.insert_hash(hash(k));
+                    }
+                }
+                let mut walked = 0usize;
+                for item in records.iter().keys() {
+                    let Ok(k) = item.map_err(drop).and_then(|k| {
+                        if stop.load(Ordering::Relaxed) {
+                            Err(())
+                        } else {
+                            Ok(k)
+                        }
+                    }) else {
+                        // Left "not ready": every claim reads first, as without a filter.
+                        building.store(false, Ordering::SeqCst);
+                        return;
+                    };
+                    if let Ok(k) = <&[u8; 64]>::try_from(k.as_ref()) {
+                        next.bloom.insert_hash(hash(k));
+                        walked += 1;
+                    }
+                }
+                next.inserted.fetch_add(walked, Ordering::Relaxed);
+                next.ready.store(true, Ordering::Release);
+                building.store(false, Ordering::SeqCst);
+                tracing::debug!(keys = walked, capacity = next.capacity, took = ?started.elapsed(), "key filter built");
+            });
+        match spawned {
+            Ok(h) => {
+                let old = self
+                    .thread
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(h);
+                // The previous build is over (`building` was false); reap its thread.
+                if let Some(old) = old {
+                    let _ = old.join();
+                }
+            }
+            Err(_) => self.building.store(false, Ordering::SeqCst),
+        }
+    }
+
+    /// Waits until no build runs (tests).
+    #[cfg(test)]
+    pub(super) fn wait_ready(&self) {
+        while self.building.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> [u8; 64] {
+        let mut k = [0u8; 64];
+        let d = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            i.to_be_bytes(),
+        ));
+        k[..32].copy_from_slice(&d);
+        k[32..].copy_from_slice(&d);
+        k
+    }
+
+    #[test]
+    fn never_says_absent_for_a_stored_or_inserted_key_and_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let records = db.open_tree("records").unwrap();
+        for i in 0..1000 {
+            records.insert(key(i), b"v").unwrap();
+        }
+        let overlay = Arc::new(Overlay::default());
+        let f = KeyFilter::open(&records, &overlay);
+        f.wait_ready();
+        assert!((0..1000).all(|i| f.may_contain(&key(i))));
+        let absent = (1000..11_000).filter(|&i| !f.may_contain(&key(i))).count();
+        assert!(absent > 9_500, "false positives: {}", 10_000 - absent);
+        // Past its capacity it is built again, larger, and still knows every key.
+        for i in 1000..(MIN_CAPACITY as u32 + 5000) {
+            f.insert(&key(i), &records, &overlay);
+            records.insert(key(i), b"v").unwrap();
+        }
+        f.wait_ready();
+        assert!(f.current.load().capacity > MIN_CAPACITY);
+        assert!((0..MIN_CAPACITY as u32 + 5000).all(|i| f.may_contain(&key(i))));
+    }
+}
