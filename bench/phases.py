@@ -1,54 +1,68 @@
 #!/usr/bin/env python3
-"""Share of CPU samples per request phase, from a folded stack file (inferno-collapse-perf output).
+"""Where the CPU goes, from a folded stack file (inferno-collapse-perf output of bench/profile.sh).
 
-    bench/phases.py bench/profiles/unique-always.folded
+    bench/phases.py bench/profiles/after-unique-c32.folded [more.folded ...]
 
-Each stack is charged to the first phase (in the order of PHASES) whose pattern appears in it, so a
-sample inside sled under the claim counts as "store: claim". Also prints the top self-time frames.
+Every sample is charged to one component: the deepest frame of its stack that matches a pattern of
+COMPONENTS (so time in sled under the store's overlay counts as sled, time in the kernel's TCP stack
+under hyper's write counts as kernel networking). Prints one column per file, in % of samples, and the
+share of each thread.
 """
 import collections
 import re
 import sys
 
-# (phase, regex over the whole folded stack), first match wins.
-PHASES = [
-    ("store: durable wait / flusher", r"flusher|disk_sync|fdatasync|fsync|wal::|Wal"),
-    ("store: claim", r"do_claim|::claim"),
-    ("store: complete", r"do_complete|::complete"),
-    ("store: other", r"store::"),
-    ("upstream exchange (client)", r"hyper_util::client|hyper::client|proxy::forward|upstream::"),
-    ("key derivation", r"key::|sha2"),
-    ("proxy pipeline (other)", r"idemproxy::proxy"),
-    ("server: accept / HTTP/1 server", r"hyper::server|hyper::proto|server::conn|idemproxy::server"),
-    ("tokio runtime / scheduler", r"tokio::runtime|tokio::"),
-    ("kernel networking", r"tcp_|inet_|ip_|__x64_sys_(sendto|recvfrom|write|read|epoll)|sock_"),
+COMPONENTS = [
+    ("sled (tree inserts, reads, flushes)", r"^sled::|<sled::"),
+    ("kernel: fdatasync / block I/O", r"fdatasync|blk_|virtio|iowrite"),
+    ("kernel: TCP / loopback send and receive", r"tcp_|__x64_sys_(sendto|recvfrom|write|read|writev)|sock_|inet_|ip_|skb"),
+    ("kernel: scheduling, futex, epoll", r"finish_task_switch|^_*schedule|futex|epoll|try_to_wake_up|_raw_spin"),
+    ("allocator (mimalloc)", r"^mi_|mimalloc"),
+    ("store log (wal)", r"idemproxy::store::sled::wal"),
+    ("store (overlay, records, filter)", r"idemproxy::store|fastbloom"),
+    ("hyper HTTP/1 (server and client)", r"^hyper::|<hyper::"),
+    ("hyper-util client pool", r"hyper_util::client"),
+    ("proxy pipeline", r"idemproxy::proxy|idemproxy::key|sha2"),
+    ("server accept / connections", r"idemproxy::server|hyper_util::server"),
+    ("metrics", r"metrics"),
+    ("tokio runtime, timers, channels", r"tokio::"),
+    ("libc / memcpy", r"__memcpy|__memcmp|__memset|libc"),
 ]
 
 
-def main(path):
-    totals = collections.Counter()
-    selfs = collections.Counter()
-    n = 0
+def load(path):
+    comp = collections.Counter()
+    threads = collections.Counter()
+    total = 0
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             c = int(count)
-            n += c
+            total += c
             frames = stack.split(";")
-            selfs[frames[-1]] += c
-            for name, pat in PHASES:
-                if re.search(pat, stack):
-                    totals[name] += c
+            threads[re.sub(r"-?\d+$", "", frames[0])] += c
+            name = "other"
+            for fr in reversed(frames[1:]):
+                hit = next((n for n, p in COMPONENTS if re.search(p, fr)), None)
+                if hit:
+                    name = hit
                     break
-            else:
-                totals["other"] += c
-    print(f"{n} samples")
-    for name, c in totals.most_common():
-        print(f"  {100 * c / n:5.1f}%  {name}")
-    print("top self frames:")
-    for name, c in selfs.most_common(25):
-        print(f"  {100 * c / n:5.1f}%  {name[:150]}")
+            comp[name] += c
+    return comp, threads, total
+
+
+def main(paths):
+    data = [load(p) for p in paths]
+    names = [n for n, _ in COMPONENTS] + ["other"]
+    short = [p.rsplit("/", 1)[-1].removesuffix(".folded") for p in paths]
+    print("| component | " + " | ".join(short) + " |")
+    print("|---|" + "---|" * len(paths))
+    for n in names:
+        print(f"| {n} | " + " | ".join(f"{100 * c[n] / t:.1f}%" for c, _, t in data) + " |")
+    threads = sorted({k for _, th, _ in data for k in th}, key=lambda k: -sum(th[k] for _, th, _ in data))
+    for k in threads[:8]:
+        print(f"| thread `{k}` | " + " | ".join(f"{100 * th[k] / t:.1f}%" for _, th, t in data) + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

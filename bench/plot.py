@@ -2,7 +2,7 @@
 """Plots req/s ÷ nginx proxy_pass per scenario from bench.sh results (results.tsv), as an SVG bar chart.
 
     bench/plot.py OUT.svg results.tsv [more.tsv ...]      # one group of bars per scenario and conns
-    bench/plot.py --targets proxy,peer OUT.svg results.tsv
+    bench/plot.py --targets proxy,peer --names "proxy=this build,peer=previous build" OUT.svg results.tsv
 
 Each bar is the median over rounds of the per-round ratio target req/s ÷ nginx req/s (the harness's
 x_nginx); one bar per (file, target), labelled "file-dir/target". The goal of each scenario (issue 13)
@@ -39,9 +39,12 @@ def ratios(path, targets):
 
 
 def main(argv):
-    targets = {"proxy"}
-    if argv[:1] == ["--targets"]:
-        targets = set(argv[1].split(","))
+    targets, names = {"proxy"}, {}
+    while argv[:1] in (["--targets"], ["--names"]):
+        if argv[0] == "--targets":
+            targets = set(argv[1].split(","))
+        else:
+            names = dict(kv.split("=", 1) for kv in argv[1].split(","))
         argv = argv[2:]
     out, files = argv[0], argv[1:]
     series = []  # (label, {(scen, conns): ratio})
@@ -49,7 +52,7 @@ def main(argv):
         name = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
         r = ratios(path, targets)
         for t in sorted(targets):
-            series.append((f"{name}/{t}", {(s, c): v for (s, c, tt), v in r.items() if tt == t}))
+            series.append((names.get(t, f"{name}/{t}"), {(s, c): v for (s, c, tt), v in r.items() if tt == t}))
     groups = sorted({k for _, d in series for k in d}, key=lambda k: (list(GOALS).index(k[0]) if k[0] in GOALS else 9, k[1]))
     if not groups:
         sys.exit("plot.py: no ratios found")

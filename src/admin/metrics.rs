@@ -15,8 +15,8 @@
 //! | `idemproxy_sweeper_runs_total`, `idemproxy_records_expired_total` | counter | |
 //! | `idemproxy_store_size_bytes` | gauge | bytes on disk (sled) |
 //! | `idemproxy_store_live_bytes`, `idemproxy_store_max_size_bytes` | gauge | bytes of live records, and `[store] max_size` (sled) |
-//! | `idemproxy_store_flushes_total`, `idemproxy_store_durable_writes_total` | counter | group commit: fsyncs, and writes they covered |
-//! | `idemproxy_store_fsync_duration_seconds` | histogram | the `fdatasync` of sled's log after each flush (sled) |
+//! | `idemproxy_store_flushes_total`, `idemproxy_store_durable_writes_total` | counter | group commit: syncs of the store's log, and entries appended |
+//! | `idemproxy_store_fsync_duration_seconds` | histogram | one write + `fdatasync` of the store's log (sled) |
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -147,15 +147,15 @@ fn describe() {
     describe_histogram!(
         "idemproxy_store_fsync_duration_seconds",
         Unit::Seconds,
-        "fdatasync of the store's log after each flush (what makes a write power-safe)"
+        "Write and fdatasync of the store's log (what makes a write power-safe)"
     );
     describe_counter!(
         "idemproxy_store_flushes_total",
-        "Flushes to disk (group commit)"
+        "Syncs of the store's log (group commit)"
     );
     describe_counter!(
         "idemproxy_store_durable_writes_total",
-        "Writes made durable by those flushes"
+        "Entries appended to the store's log"
     );
 }
 

@@ -14,8 +14,9 @@
 //!     └──────────────────────────┘ sweeper: lease deadline passed and no live owner in this
 //!                                   process (abandoned, or left by a crash)
 //! ```
-//! - `claim` is the only way in, and it is atomic (sled compare-and-swap): of any number of concurrent
-//!   claimers exactly one gets [`ClaimOutcome::Claimed`].
+//! - `claim` is the only way in, and it is atomic (a compare-and-swap: under the key's lock in the sled
+//!   store, a Lua script in Redis): of any number of concurrent claimers exactly one gets
+//!   [`ClaimOutcome::Claimed`].
 //! - Every claim gets a fresh fencing token, larger than any before it. `complete` and `release` with a
 //!   token that is no longer the record's (the lease expired and someone took over) change nothing and
 //!   answer [`Committed::Stale`]: a late owner can never overwrite the taker's result.

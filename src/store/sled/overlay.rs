@@ -41,7 +41,8 @@ impl Hasher for DigestHasher {
         let mut b = [0u8; 8];
         let n = bytes.len().min(16).saturating_sub(8);
         b[..n].copy_from_slice(&bytes[8..8 + n]);
-        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 =
+            (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 
@@ -124,7 +125,8 @@ mod tests {
         let records = db.open_tree("records").unwrap();
         records.insert([2u8; 64], b"old").unwrap();
         let o = Overlay::default();
-        o.shard(&[1; 64]).insert([1; 64], Some(sled::IVec::from(b"new")));
+        o.shard(&[1; 64])
+            .insert([1; 64], Some(sled::IVec::from(b"new")));
         o.shard(&[2; 64]).insert([2; 64], None);
         assert_eq!(o.get(&[2; 64]), Some(None));
         assert_eq!(o.get(&[3; 64]), None);
