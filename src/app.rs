@@ -58,6 +58,9 @@ pub enum AppError {
     /// The TLS listener's certificate, key or client CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] server::tls::TlsError),
+    /// The serving threads could not be started.
+    #[error("cannot start the serving threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 /// The proxy as a [`Handler`] for [`server::serve`] (public so tests can serve a proxy built on a store
@@ -202,11 +205,15 @@ pub async fn run(
 
     let draining = Arc::clone(&readiness);
     let started = Instant::now();
-    let drain = server::serve_with(
+    // Connections are served on one thread per core (see `server::Workers`).
+    let workers =
+        Arc::new(server::Workers::start(server::Workers::per_core()).map_err(AppError::Threads)?);
+    let drain = server::serve_on(
         listener,
         tls,
         Arc::new(ProxyHandler(Arc::clone(&proxy))),
         opts,
+        Some(Arc::clone(&workers)),
         async move {
             shutdown.await;
             draining.set_draining();
@@ -223,6 +230,8 @@ pub async fn run(
         proxy.drain_tasks(),
     )
     .await;
+    // Nothing that matters runs on the serving threads any more (idle upstream connections).
+    let _ = tokio::task::spawn_blocking(move || workers.shutdown()).await;
     let drain = if drain == Drain::TimedOut || tasks.is_err() {
         tracing::warn!(
             "grace period over with requests still in flight; their claims end with their lease"

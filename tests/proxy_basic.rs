@@ -783,3 +783,24 @@ async fn keys_never_appear_whole_in_logs() {
         );
     }
 }
+
+/// Connections are served on one thread per core (`server::Workers`): the process has one
+/// `idemproxy-serve-N` thread per core, and requests on many connections are all answered.
+#[tokio::test]
+async fn connections_are_served_on_one_thread_per_core() {
+    let up = Upstream::start();
+    let p = start(&up, "required = false").await;
+    for i in 0..8 {
+        send(p.addr, "POST", "/echo", &[TEXT], &format!("body {i}"))
+            .await
+            .assert_forwarded(201, format!("body {i}").as_bytes());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let serving = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|name| name.starts_with("idemproxy-serve"))
+        .count();
+    assert_eq!(serving, cores, "serving threads");
+    assert_eq!(up.hits_path("/echo"), 8);
+}

@@ -27,6 +27,8 @@ use rustls::{
     ClientConfig, RootCertStore,
 };
 
+use thread_local::ThreadLocal;
+
 use super::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 
@@ -88,8 +90,12 @@ pub enum UpstreamSetupError {
 /// The upstream: where every forwarded request goes.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// h2 or HTTP/1.1, as the upstream's ALPN decides (HTTP/1.1 for plain http).
-    client: Client<Connector, Body>,
+    /// h2 or HTTP/1.1, as the upstream's ALPN decides (HTTP/1.1 for plain http): one pool per
+    /// thread, so a request and its upstream connection run on the same serving thread (see
+    /// `server::Workers`); built on a thread's first request.
+    clients: Arc<ThreadLocal<Client<Connector, Body>>>,
+    /// What the per-thread clients are built from.
+    settings: Arc<(UpstreamConfig, ClientConfig)>,
     /// HTTP/1.1 only: protocol upgrades (WebSocket) exist only there.
     upgrade_client: Client<Connector, Body>,
     scheme: http::uri::Scheme,
@@ -105,8 +111,7 @@ impl Upstream {
     /// Builds the pooled clients; reads the CA and client-certificate files.
     pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
         let tls = client_tls(cfg)?;
-        let client = build_client(cfg, tls.clone(), true);
-        let upgrade_client = build_client(cfg, tls, false);
+        let upgrade_client = build_client(cfg, tls.clone(), false);
         let authority = cfg
             .url
             .authority()
@@ -115,7 +120,8 @@ impl Upstream {
         let host = HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Ok(Self {
-            client,
+            clients: Arc::new(ThreadLocal::new()),
+            settings: Arc::new((cfg.clone(), tls)),
             upgrade_client,
             scheme: cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
             authority,
@@ -152,7 +158,10 @@ impl Upstream {
         req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        self.send_on(&self.client, req, timeout).await
+        let client = self
+            .clients
+            .get_or(|| build_client(&self.settings.0, self.settings.1.clone(), true));
+        self.send_on(client, req, timeout).await
     }
 
     /// Sends a protocol-upgrade request over HTTP/1.1 (whatever ALPN would pick) and waits (at most

@@ -19,6 +19,7 @@
 mod conn;
 pub mod shutdown;
 pub mod tls;
+mod workers;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
@@ -39,6 +40,7 @@ use conn::{Conn, ConnSlot};
 use crate::proxy::Body;
 
 pub use tls::ServerTls;
+pub use workers::Workers;
 
 /// A boxed response future.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -105,6 +107,19 @@ pub async fn serve_with(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Drain {
+    serve_on(listener, tls, handler, opts, None, shutdown).await
+}
+
+/// Like [`serve_with`]; with `workers`, each connection is served on one of the worker threads
+/// (see [`Workers`]) instead of the calling runtime.
+pub async fn serve_on(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    handler: Arc<dyn Handler>,
+    opts: ServeOptions,
+    workers: Option<Arc<Workers>>,
+    shutdown: impl Future<Output = ()>,
+) -> Drain {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -152,12 +167,36 @@ pub async fn serve_with(
                     stopping: stopping.clone(),
                     _slot: ConnSlot::new(slot, opts.listener),
                 };
-                match &tls {
-                    None => {
-                        tracker.spawn(conn.plain(stream));
+                let serve = {
+                    let tls = tls.clone();
+                    move |stream: tokio::net::TcpStream| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+                        match tls {
+                            None => Box::pin(conn.plain(stream)),
+                            Some(tls) => Box::pin(conn.handshake(stream, tls)),
+                        }
                     }
-                    Some(tls) => {
-                        tracker.spawn(conn.handshake(stream, tls.clone()));
+                };
+                match &workers {
+                    None => {
+                        tracker.spawn(serve(stream));
+                    }
+                    Some(w) => {
+                        // Handed over as a std socket: the worker registers it with its own reactor.
+                        let Ok(std_stream) = stream.into_std() else { continue };
+                        // Counted by the drain from now on, not from when its thread picks it up.
+                        let token = tracker.token();
+                        let job: workers::Job = Box::new(move || {
+                            Box::pin(async move {
+                                match tokio::net::TcpStream::from_std(std_stream) {
+                                    Ok(s) => serve(s).await,
+                                    Err(e) => tracing::warn!(error = %e, "cannot serve an accepted connection"),
+                                }
+                                drop(token);
+                            })
+                        });
+                        if w.submit(job).is_err() {
+                            tracing::warn!("serving threads are stopped: connection dropped");
+                        }
                     }
                 }
             }
