@@ -18,7 +18,7 @@ use std::sync::{
 use arc_swap::ArcSwap;
 use fastbloom::AtomicBloomFilter;
 
-use super::overlay::Overlay;
+use super::{overlay::Overlay, unflushed::lock};
 
 /// Fewest keys a filter is sized for.
 const MIN_CAPACITY: usize = 1 << 16;
@@ -58,11 +58,7 @@ pub(super) struct KeyFilter {
 impl Drop for KeyFilter {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let handle = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = lock(&self.thread).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -162,11 +158,7 @@ impl KeyFilter {
             });
         match spawned {
             Ok(h) => {
-                let old = self
-                    .thread
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .replace(h);
+                let old = lock(&self.thread).replace(h);
                 // The previous build is over (`building` was false); reap its thread.
                 if let Some(old) = old {
                     let _ = old.join();

@@ -22,6 +22,9 @@ use std::{
     time::Duration,
 };
 
+// Single inserts and whole-shard applies: a panic cannot leave a shard half-changed.
+use super::unflushed::lock;
+
 /// How often the overlay is applied to sled (it holds at most about this much of the write rate).
 pub(super) const APPLY_EVERY: Duration = Duration::from_millis(50);
 
@@ -61,11 +64,6 @@ impl Default for Overlay {
             shards: std::array::from_fn(|_| Mutex::default()),
         }
     }
-}
-
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // Single inserts and whole-shard applies: a panic cannot leave a shard half-changed.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Overlay {

@@ -59,7 +59,7 @@ pub(super) fn remove_if(map: &UnflushedMap, key: &[u8; 64], mine: impl Fn((u64, 
     }
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Single inserts and removes: a panic cannot leave the map inconsistent.
+/// A poisoned lock is taken as it is: every user of this helper makes single, whole changes.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -43,6 +43,7 @@ pub(crate) use format::encode as encode_for_tests;
 pub(crate) use format::{entries, Entry};
 pub(crate) use segments::{Found, Pool};
 
+pub(crate) use super::unflushed::lock;
 use crate::store::StoreError;
 
 /// Longest a sync is held back for writers known to be coming.
@@ -175,10 +176,6 @@ impl std::fmt::Debug for Wal {
             .field("synced", &self.shared.synced)
             .finish_non_exhaustive()
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Wal {
