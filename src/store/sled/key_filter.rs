@@ -206,10 +206,13 @@ mod tests {
         assert!((0..1000).all(|i| f.may_contain(&key(i))));
         let absent = (1000..11_000).filter(|&i| !f.may_contain(&key(i))).count();
         assert!(absent > 9_500, "false positives: {}", 10_000 - absent);
-        // Past its capacity it is built again, larger, and still knows every key.
+        // Past its capacity it is built again, larger, and still knows every key. As in the store, a
+        // key is added under its overlay lock before it can reach `records`.
         for i in 1000..(MIN_CAPACITY as u32 + 5000) {
-            f.insert(&key(i), &records, &overlay);
-            records.insert(key(i), b"v").unwrap();
+            let k = key(i);
+            let _shard = overlay.shard(&k);
+            f.insert(&k, &records, &overlay);
+            records.insert(k, b"v").unwrap();
         }
         f.wait_ready();
         assert!(f.current.load().capacity > MIN_CAPACITY);
