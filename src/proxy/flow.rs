@@ -9,10 +9,10 @@
 //!    the fingerprint (over the normalized path).
 //! 3. `claim_and_forward`: claim the store key. Claimed → 4; completed → replay (or 422); in flight →
 //!    409, or wait and claim again (or 422); store full → 503 `store-full`.
-//! 4. `forward_claimed`: the upstream exchange and the recording run in a detached task, so they finish
-//!    even if the client disconnects; the response goes back only after its record is durable. Every
-//!    upstream exchange holds one of `max_concurrency` slots (none free: the key is freed, 503
-//!    `upstream-busy`).
+//! 4. `forward_claimed`: the upstream exchange and the recording run inline, and move to a task of
+//!    their own if the client disconnects first (see `detach`), so they finish either way; the
+//!    response goes back only after its record is durable. Every upstream exchange holds one of
+//!    `max_concurrency` slots (none free: the key is freed, 503 `upstream-busy`).
 //! 5. `exchange` / `settle_error`: release the key (release status, or nothing was sent) or record the
 //!    result; a result the store cannot make durable is not passed on (503).
 //!
@@ -23,10 +23,10 @@ use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Instant};
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
 
 use super::{
     body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed},
+    detach::Detachable,
     error::ProxyError,
     forward::{into_proxy_error, upstream_request, upstream_response},
     headers::{recordable, strip_hop_by_hop},
@@ -272,7 +272,8 @@ impl Proxy {
         }
     }
 
-    /// Phase 4: exchange and record in a detached task; the client gets the answer when it is settled.
+    /// Phase 4: exchange and record, inline; if the client goes away first (or the request's
+    /// deadline fires), the rest runs detached, so the result is recorded either way.
     async fn forward_claimed(
         self: &Arc<Self>,
         live: &Arc<Live>,
@@ -280,10 +281,9 @@ impl Proxy {
         rule: Rule,
         (parts, body, peer): (Parts, Bytes, SocketAddr),
     ) -> Result<Response<Body>, ProxyError> {
-        let (tx, rx) = oneshot::channel();
         let this = Arc::clone(self);
         let live = Arc::clone(live);
-        self.tasks.spawn(async move {
+        Detachable::new(&self.tasks, async move {
             let mut guard = AbandonGuard {
                 store: Arc::clone(&this.store),
                 token: claim.token,
@@ -291,10 +291,9 @@ impl Proxy {
             };
             let resp = this.exchange(&live, &claim, &rule, parts, body, peer).await;
             guard.armed = false;
-            // The client may be gone; the result is recorded either way.
-            let _ = tx.send(resp);
-        });
-        rx.await.unwrap_or(Err(ProxyError::Internal))
+            resp
+        })
+        .await
     }
 
     /// Phase 5: sends the claimed request and settles the claim from the outcome.

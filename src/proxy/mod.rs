@@ -7,6 +7,7 @@
 //! value swapped atomically: a request keeps the `Live` it started with.
 
 pub mod body;
+mod detach;
 pub mod error;
 mod flow;
 mod forward;
@@ -81,8 +82,8 @@ impl Live {
 pub struct Proxy {
     live: ArcSwap<Live>,
     store: Arc<dyn Store>,
-    /// Upstream exchanges and recordings run here, detached from the client's connection, so they
-    /// finish even if the client goes away; shutdown waits for them.
+    /// Upstream exchanges and recordings: run inline, and moved to a task of their own here if the
+    /// client goes away first, so they finish either way; shutdown waits for them (see `detach`).
     tasks: TaskTracker,
     /// Large bodies being replayed now, shared by their readers.
     replays: shared_replays::SharedReplays,
