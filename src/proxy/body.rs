@@ -31,8 +31,12 @@ pub fn empty() -> Body {
 }
 
 /// A streamed body, passed through untouched.
-pub fn stream(body: Incoming) -> Body {
-    body.map_err(|e| Box::new(e) as BoxError).boxed()
+pub fn stream<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
 }
 
 /// Why a request body could not be buffered.
@@ -68,7 +72,7 @@ pub async fn buffer_request(
 
 /// An upstream response body read for the record.
 #[derive(Debug)]
-pub enum Captured {
+pub enum Captured<B> {
     /// The whole body, within the limit.
     Full(Bytes),
     /// Over the limit: what was read so far, and the rest still to stream.
@@ -76,27 +80,44 @@ pub enum Captured {
         /// Bytes already read.
         prefix: Bytes,
         /// The rest of the upstream body.
-        rest: Incoming,
+        rest: B,
     },
 }
 
-/// Reads a response body until it ends or passes `limit` bytes.
-pub async fn capture(mut body: Incoming, limit: u64) -> Result<Captured, hyper::Error> {
+/// Reads a response body until it ends or passes `limit` bytes. A body that comes in one frame (most
+/// do) is kept as it came, without a copy.
+pub async fn capture<B>(mut body: B, limit: u64) -> Result<Captured<B>, B::Error>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         // Trailers are not recorded (rare on responses; they are hop-by-hop for most proxies).
-        if let Ok(data) = frame?.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() > limit {
-                return Ok(Captured::Over {
-                    prefix: buf.freeze(),
-                    rest: body,
-                });
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        let len = match (&mut first, buf.is_empty()) {
+            (slot @ None, true) => {
+                let n = data.len();
+                *slot = Some(data);
+                n
             }
+            (slot, _) => {
+                if let Some(f) = slot.take() {
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&data);
+                buf.len()
+            }
+        };
+        if len > limit {
+            let prefix = first.take().unwrap_or_else(|| buf.split().freeze());
+            return Ok(Captured::Over { prefix, rest: body });
         }
     }
-    Ok(Captured::Full(buf.freeze()))
+    Ok(Captured::Full(first.unwrap_or_else(|| buf.freeze())))
 }
 
 /// A body that keeps `guard` alive until the body has been sent or dropped: how a connection knows a
@@ -139,14 +160,18 @@ impl<G: Unpin> HttpBody for Guarded<G> {
 
 /// Bytes already read followed by the rest of a streamed body.
 #[derive(Debug)]
-pub struct Prefixed {
+pub struct Prefixed<B> {
     prefix: Option<Bytes>,
-    rest: Incoming,
+    rest: B,
 }
 
-impl Prefixed {
+impl<B> Prefixed<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     /// A body that yields `prefix`, then `rest`.
-    pub fn boxed_body(prefix: Bytes, rest: Incoming) -> Body {
+    pub fn boxed_body(prefix: Bytes, rest: B) -> Body {
         Self {
             prefix: Some(prefix),
             rest,
@@ -155,7 +180,11 @@ impl Prefixed {
     }
 }
 
-impl HttpBody for Prefixed {
+impl<B> HttpBody for Prefixed<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -168,7 +197,7 @@ impl HttpBody for Prefixed {
         }
         Pin::new(&mut self.rest)
             .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+            .map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

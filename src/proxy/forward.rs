@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 
 use http::{header, request::Parts, uri::Scheme, HeaderValue, Response};
-use hyper::body::Incoming;
 
 use super::{
     body::{stream, Body},
@@ -14,7 +13,7 @@ use super::{
     headers::{add_forwarded, strip_hop_by_hop},
     limit::Slot,
     tagged,
-    upstream::UpstreamError,
+    upstream::{ResponseBody, UpstreamError},
     Live,
 };
 use crate::admin::metrics::Outcome;
@@ -52,7 +51,7 @@ pub(super) fn upstream_request(
     Ok(())
 }
 
-pub(super) fn upstream_response(resp: Response<Incoming>, slot: Slot) -> Response<Body> {
+pub(super) fn upstream_response(resp: Response<ResponseBody>, slot: Slot) -> Response<Body> {
     let (mut head, body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
     tagged(

@@ -1,7 +1,13 @@
-//! The upstream client: pooled hyper-util clients over a hyper-rustls connector (plain HTTP, or HTTPS
-//! with SNI from the URL host and HTTP/2 when the upstream's ALPN offers it), and errors that say
-//! whether the upstream may have seen the request (pingora's error provenance: it decides between
-//! "free the key" and "we cannot know, treat as executed").
+//! The upstream client, and errors that say whether the upstream may have seen the request (pingora's
+//! error provenance: it decides between "free the key" and "we cannot know, treat as executed").
+//!
+//! - A plain `http` upstream: our own HTTP/1.1 connections, pooled per serving thread (see `pool`).
+//! - An `https` upstream: hyper-util's pooled client over a hyper-rustls connector (SNI from the URL
+//!   host, HTTP/2 when the upstream's ALPN offers it), one per serving thread.
+//! - Protocol upgrades (WebSocket): hyper-util's client, HTTP/1.1 only.
+//!
+//! One deadline bounds an exchange: `connect_timeout` the connection (TCP and TLS handshake), the
+//! request's budget the whole exchange up to the response head.
 //!
 //! Trust for an https upstream: `ca_file` alone when set, else the bundled Mozilla roots
 //! (webpki-roots); `client_auth` adds a client certificate (mTLS).
@@ -22,12 +28,14 @@ use hyper_util::{
     },
     rt::{TokioExecutor, TokioTimer},
 };
-use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    ClientConfig, RootCertStore,
-};
-
+use rustls::ClientConfig;
 use thread_local::ThreadLocal;
+use tokio::time::{timeout_at, Instant};
+
+mod pool;
+mod tls;
+
+pub use pool::ResponseBody;
 
 use super::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
@@ -87,15 +95,23 @@ pub enum UpstreamSetupError {
     },
 }
 
+/// How forwarded requests reach the upstream.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// Plain http: our HTTP/1.1 pool.
+    Http1(Arc<pool::Pool>),
+    /// https: h2 or HTTP/1.1, as the upstream's ALPN decides; one pooled client per thread, built on a
+    /// thread's first request from `settings`.
+    Tls {
+        clients: Arc<ThreadLocal<Client<Connector, Body>>>,
+        settings: Arc<(UpstreamConfig, ClientConfig)>,
+    },
+}
+
 /// The upstream: where every forwarded request goes.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// h2 or HTTP/1.1, as the upstream's ALPN decides (HTTP/1.1 for plain http): one pool per
-    /// thread, so a request and its upstream connection run on the same serving thread (see
-    /// `server::Workers`); built on a thread's first request.
-    clients: Arc<ThreadLocal<Client<Connector, Body>>>,
-    /// What the per-thread clients are built from.
-    settings: Arc<(UpstreamConfig, ClientConfig)>,
+    transport: Transport,
     /// HTTP/1.1 only: protocol upgrades (WebSocket) exist only there.
     upgrade_client: Client<Connector, Body>,
     scheme: http::uri::Scheme,
@@ -108,9 +124,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the pooled clients; reads the CA and client-certificate files.
+    /// Builds the clients; reads the CA and client-certificate files.
     pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
-        let tls = client_tls(cfg)?;
+        let tls = tls::client_tls(cfg)?;
         let upgrade_client = build_client(cfg, tls.clone(), false);
         let authority = cfg
             .url
@@ -119,11 +135,19 @@ impl Upstream {
             .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
         let host = HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let scheme = cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
+        let transport = if scheme == http::uri::Scheme::HTTP {
+            Transport::Http1(pool::Pool::new())
+        } else {
+            Transport::Tls {
+                clients: Arc::new(ThreadLocal::new()),
+                settings: Arc::new((cfg.clone(), tls)),
+            }
+        };
         Ok(Self {
-            clients: Arc::new(ThreadLocal::new()),
-            settings: Arc::new((cfg.clone(), tls)),
+            transport,
             upgrade_client,
-            scheme: cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
+            scheme,
             authority,
             host,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
@@ -157,11 +181,15 @@ impl Upstream {
         &self,
         req: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let client = self
-            .clients
-            .get_or(|| build_client(&self.settings.0, self.settings.1.clone(), true));
-        self.send_on(client, req, timeout).await
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        match &self.transport {
+            Transport::Http1(pool) => self.send_pooled(pool, req, timeout).await,
+            Transport::Tls { clients, settings } => {
+                let client = clients.get_or(|| build_client(&settings.0, settings.1.clone(), true));
+                let resp = self.send_on(client, req, timeout).await?;
+                Ok(resp.map(ResponseBody::unpooled))
+            }
+        }
     }
 
     /// Sends a protocol-upgrade request over HTTP/1.1 (whatever ALPN would pick) and waits (at most
@@ -173,6 +201,56 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
         self.send_on(&self.upgrade_client, req, timeout).await
+    }
+
+    /// On our HTTP/1.1 pool: an idle connection of this thread, or a new one within
+    /// `connect_timeout`. A request a stale idle connection could not send goes on the next one.
+    async fn send_pooled(
+        &self,
+        pool: &Arc<pool::Pool>,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let first = self.connect_timeout.min(timeout);
+        // Origin form on the wire; `Host` is set by the caller.
+        let (mut parts, body) = req.into_parts();
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = None;
+        uri.authority = None;
+        parts.uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        let mut req = Request::from_parts(parts, body);
+        loop {
+            let (mut sender, reused) = match pool.checkout() {
+                Some(s) => (s, true),
+                None => match timeout_at(now + first, pool::Pool::connect(&self.authority)).await {
+                    Ok(Ok(s)) => (s, false),
+                    Ok(Err(e)) => return Err(UpstreamError::Connect(Box::new(e))),
+                    Err(_) => return Err(UpstreamError::Connect(Box::new(ConnectTimeout(first)))),
+                },
+            };
+            match timeout_at(deadline, sender.ready()).await {
+                Ok(Ok(())) => {}
+                // Closed while idle: the next one.
+                Ok(Err(_)) if reused => continue,
+                Ok(Err(e)) => return Err(UpstreamError::Connect(Box::new(e))),
+                Err(_) => return Err(UpstreamError::Connect(Box::new(ConnectTimeout(timeout)))),
+            }
+            match timeout_at(deadline, sender.try_send_request(req)).await {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Ok(resp)) => {
+                    let (head, body) = resp.into_parts();
+                    return Ok(Response::from_parts(head, pool.body(body, sender)));
+                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    // Not written: a stale idle connection; nothing was sent.
+                    Some(r) if reused => req = r,
+                    Some(_) => return Err(UpstreamError::Connect(Box::new(e.into_error()))),
+                    None => return Err(UpstreamError::Failed(Box::new(e.into_error()))),
+                },
+            }
+        }
     }
 
     async fn send_on(
@@ -195,8 +273,9 @@ impl Upstream {
         // Phase 1: the connection. `connect_timeout` bounds TCP and TLS together; the HTTP connector's
         // own timeout only covers TCP, and a stalled TLS handshake would otherwise look like an
         // exchange that timed out after sending.
+        let now = Instant::now();
         let first = self.connect_timeout.min(timeout);
-        match tokio::time::timeout(first, &mut fut).await {
+        match timeout_at(now + first, &mut fut).await {
             Ok(r) => return classify(r),
             Err(_) if conn.connection_metadata().is_none() => {
                 return Err(UpstreamError::Connect(Box::new(ConnectTimeout(first))));
@@ -204,7 +283,7 @@ impl Upstream {
             Err(_) => {}
         }
         // Phase 2: connected, the request may be on its way; the rest of the budget applies.
-        match tokio::time::timeout(timeout.saturating_sub(first), &mut fut).await {
+        match timeout_at(now + timeout, &mut fut).await {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(r) => classify(r),
         }
@@ -239,83 +318,4 @@ fn build_client(
         .pool_max_idle_per_host(1024)
         .timer(TokioTimer::new())
         .build(connector)
-}
-
-/// The rustls client config: trust (`ca_file` or the web roots) and the optional client identity. ALPN
-/// is set by the connector builder.
-fn client_tls(cfg: &UpstreamConfig) -> Result<ClientConfig, UpstreamSetupError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            for ca in read_certs("upstream.ca_file", path)? {
-                roots.add(ca).map_err(|source| UpstreamSetupError::Tls {
-                    key: "upstream.ca_file",
-                    cause: source,
-                })?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|source| UpstreamSetupError::Tls {
-            key: "upstream",
-            cause: source,
-        })?
-        .with_root_certificates(roots);
-    match &cfg.client_auth {
-        None => Ok(builder.with_no_client_auth()),
-        Some(id) => {
-            let certs = read_certs("upstream.client_cert", &id.cert)?;
-            let key = read_key("upstream.client_key", &id.key)?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|source| UpstreamSetupError::Tls {
-                    key: "upstream.client_cert",
-                    cause: source,
-                })
-        }
-    }
-}
-
-fn read_certs(
-    key: &'static str,
-    path: &std::path::Path,
-) -> Result<Vec<CertificateDer<'static>>, UpstreamSetupError> {
-    let read_err = |source| UpstreamSetupError::Read {
-        key,
-        path: path.display().to_string(),
-        cause: source,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(read_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_err)?;
-    if certs.is_empty() {
-        return Err(UpstreamSetupError::Empty {
-            key,
-            path: path.display().to_string(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
-fn read_key(
-    key: &'static str,
-    path: &std::path::Path,
-) -> Result<PrivateKeyDer<'static>, UpstreamSetupError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => UpstreamSetupError::Empty {
-            key,
-            path: path.display().to_string(),
-            what: "private key",
-        },
-        source => UpstreamSetupError::Read {
-            key,
-            path: path.display().to_string(),
-            cause: source,
-        },
-    })
 }
