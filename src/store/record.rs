@@ -85,6 +85,11 @@ impl Record {
         }
     }
 
+    /// Whether encoded bytes are a claim in flight (read without decoding the rest).
+    pub fn peek_in_flight(bytes: &[u8]) -> bool {
+        bytes.get(..2) == Some(&[SCHEMA_VERSION, TAG_IN_FLIGHT][..])
+    }
+
     /// The sweeper's view of an encoded record, read without decoding the rest: the claim's token
     /// (`None` for a completed record) and the time (unix ms) it lapses. `None` when the bytes are not
     /// a record of this schema (the sweeper leaves those for the admin API).

@@ -53,10 +53,11 @@ pub(super) struct Parts {
 }
 
 impl Parts {
-    /// Applies the overlay to sled (no flush).
+    /// Applies the overlay's settled changes to sled (no flush; claims in flight wait for their
+    /// result or the next checkpoint).
     pub(super) fn apply(&self) -> Result<(), sled::Error> {
         self.since.store(wal::unix_ms().max(1), Ordering::SeqCst);
-        let r = self.overlay.apply(&self.records);
+        let r = self.overlay.apply_settled(&self.records);
         self.since.store(0, Ordering::SeqCst);
         r.map(|_| ())
     }

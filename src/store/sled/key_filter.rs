@@ -8,14 +8,15 @@
 //!
 //! Built in the background at open and again whenever it holds more keys than it was sized for (the
 //! false-positive rate would climb; deleted keys are never removed, so sweeping leaves them until the
-//! next build). While a build runs the filter answers "maybe" to everything, and takes inserts.
+//! next build). While a rebuild runs, the new filter takes inserts and the previous one (complete up
+//! to the rebuild's start) answers with it; during the first build at open, every answer is "maybe".
 
 use std::sync::{
     atomic::{AtomicBool, AtomicUsize, Ordering},
     Arc,
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use fastbloom::AtomicBloomFilter;
 
 use super::{overlay::Overlay, unflushed::lock};
@@ -32,15 +33,19 @@ struct Filter {
     inserted: AtomicUsize,
     /// Every key of `records` is in it (the build's walk is done).
     ready: AtomicBool,
+    /// Until `ready`: the filter this one replaces, which holds every key added before this one was
+    /// installed (dropped once this one is ready).
+    previous: ArcSwapOption<Filter>,
 }
 
 impl Filter {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, previous: Option<Arc<Filter>>) -> Self {
         Self {
             bloom: AtomicBloomFilter::with_false_pos(FALSE_POSITIVES).expected_items(capacity),
             capacity,
             inserted: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
+            previous: ArcSwapOption::new(previous),
         }
     }
 }
@@ -79,7 +84,7 @@ impl KeyFilter {
     /// Starts the first build over `records`.
     pub(super) fn open(records: &sled::Tree, overlay: &Arc<Overlay>) -> Self {
         let f = Self {
-            current: Arc::new(ArcSwap::from_pointee(Filter::new(MIN_CAPACITY))),
+            current: Arc::new(ArcSwap::from_pointee(Filter::new(MIN_CAPACITY, None))),
             building: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(AtomicBool::new(false)),
             thread: std::sync::Mutex::new(None),
@@ -88,10 +93,18 @@ impl KeyFilter {
         f
     }
 
-    /// Whether `key` may be in `records` ("yes" while a build runs).
+    /// Whether `key` may be in `records` ("yes" while the first build runs).
     pub(super) fn may_contain(&self, key: &[u8; 64]) -> bool {
         let f = self.current.load();
-        !f.ready.load(Ordering::Acquire) || f.bloom.contains_hash(hash(key))
+        let h = hash(key);
+        if f.ready.load(Ordering::Acquire) {
+            return f.bloom.contains_hash(h);
+        }
+        match &*f.previous.load() {
+            // Keys added since the rebuild began are in `f`, the others in `previous`.
+            Some(prev) => prev.bloom.contains_hash(h) || f.bloom.contains_hash(h),
+            None => true,
+        }
     }
 
     /// Adds `key` (under its overlay lock, before it can reach `records`); starts a larger build when
@@ -123,7 +136,8 @@ impl KeyFilter {
             .spawn(move || {
                 let started = std::time::Instant::now();
                 let count = records.len().max(hint);
-                let next = Arc::new(Filter::new((count * 2).max(MIN_CAPACITY)));
+                let previous = Some(current.load_full()).filter(|f| f.ready.load(Ordering::Acquire));
+                let next = Arc::new(Filter::new((count * 2).max(MIN_CAPACITY), previous));
                 // Installed before the walk, with every overlay shard locked: writers insert into it
                 // from now on, and the keys already in the overlay (not yet in sled) are added now.
                 {
@@ -153,6 +167,7 @@ impl KeyFilter {
                 }
                 next.inserted.fetch_add(walked, Ordering::Relaxed);
                 next.ready.store(true, Ordering::Release);
+                next.previous.store(None);
                 building.store(false, Ordering::SeqCst);
                 tracing::debug!(keys = walked, capacity = next.capacity, took = ?started.elapsed(), "key filter built");
             });
@@ -217,5 +232,27 @@ mod tests {
         f.wait_ready();
         assert!(f.current.load().capacity > MIN_CAPACITY);
         assert!((0..MIN_CAPACITY as u32 + 5000).all(|i| f.may_contain(&key(i))));
+    }
+
+    #[test]
+    fn a_rebuild_answers_with_the_filter_it_replaces() {
+        let prev = Arc::new(Filter::new(MIN_CAPACITY, None));
+        for i in 0..1000 {
+            prev.bloom.insert_hash(hash(&key(i)));
+        }
+        prev.ready.store(true, Ordering::Release);
+        let next = Filter::new(MIN_CAPACITY, Some(prev));
+        next.bloom.insert_hash(hash(&key(5000)));
+        let f = KeyFilter {
+            current: Arc::new(ArcSwap::from_pointee(next)),
+            building: Arc::new(AtomicBool::new(true)),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: std::sync::Mutex::new(None),
+        };
+        assert!((0..1000).chain([5000]).all(|i| f.may_contain(&key(i))));
+        let absent = (10_000..20_000)
+            .filter(|&i| !f.may_contain(&key(i)))
+            .count();
+        assert!(absent > 9_500, "false positives: {}", 10_000 - absent);
     }
 }

@@ -4,14 +4,16 @@
 //! Every change to `records` goes through [`Overlay::swap`]: under the key's shard lock it compares
 //! with the key's current value (the overlay's, or else sled's), logs the new value (`wal`) and keeps
 //! it here. Reads look here first. The checkpoint thread applies the overlay to sled every
-//! [`APPLY_EVERY`] and before each checkpoint, one shard at a time under its lock, so sled and the
-//! overlay never disagree about a key outside a lock. A key claimed and completed within one interval
+//! [`APPLY_EVERY`] (all but the claims still in flight) and before each checkpoint (everything),
+//! one shard at a time under its lock, so sled and the overlay never disagree about a key outside a
+//! lock. A key claimed and completed within one interval
 //! costs sled one insert (its result) instead of a read and two compare-and-swaps on the request path.
 //!
 //! ```text
 //!   swap(key, expected, new) ── shard lock ──▶ compare ─▶ wal.append ─▶ overlay[key] = new
 //!   get(key) ─────────────────▶ overlay[key] ?? sled.get(key)
-//!   apply() every 50 ms ──────── shard lock ──▶ sled.insert/remove every key ─▶ shard cleared
+//!   apply_settled() every 50 ms ─ shard lock ──▶ sled.insert/remove every key but claims in flight
+//!   apply() at a checkpoint ──── shard lock ──▶ sled.insert/remove every key ─▶ shard cleared
 //! ```
 //! Only one process owns the data dir (sled's lock), so a claim decided here is decided for all.
 
@@ -79,21 +81,54 @@ impl Overlay {
 
     /// Applies every change to `records` and empties the overlay; returns how many were applied.
     pub(super) fn apply(&self, records: &sled::Tree) -> Result<usize, sled::Error> {
+        self.apply_where(records, |_| true)
+    }
+
+    /// Applies the changes that are not claims in flight. A claim usually completes within
+    /// milliseconds: left here, its result replaces it in memory and sled gets one insert, where
+    /// applying it would cost sled an insert now and a read and an insert at completion. Checkpoints
+    /// apply everything.
+    pub(super) fn apply_settled(&self, records: &sled::Tree) -> Result<usize, sled::Error> {
+        self.apply_where(records, |v| {
+            !v.is_some_and(|v| crate::store::record::Record::peek_in_flight(v))
+        })
+    }
+
+    fn apply_where(
+        &self,
+        records: &sled::Tree,
+        settled: impl Fn(Option<&sled::IVec>) -> bool,
+    ) -> Result<usize, sled::Error> {
         let mut n = 0;
         for shard in &self.shards {
             let mut s = lock(shard);
             if s.is_empty() {
                 continue;
             }
-            for (k, v) in s.iter() {
-                match v {
-                    Some(v) => records.insert(k, v.clone())?,
-                    None => records.remove(k)?,
+            let mut failed = None;
+            s.retain(|k, v| {
+                if failed.is_some() || !settled(v.as_ref()) {
+                    return true;
+                }
+                let r = match v {
+                    Some(v) => records.insert(k, v.clone()).map(drop),
+                    None => records.remove(k).map(drop),
                 };
+                match r {
+                    Ok(()) => {
+                        n += 1;
+                        false
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        true
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
             }
-            n += s.len();
-            s.clear();
-            if s.capacity() > 4096 {
+            if s.capacity() > 4096 && s.len() < 1024 {
                 s.shrink_to(1024);
             }
         }
@@ -132,6 +167,29 @@ mod tests {
         assert_eq!(o.len(), 0);
         assert_eq!(records.get([1u8; 64]).unwrap().unwrap().as_ref(), b"new");
         assert!(records.get([2u8; 64]).unwrap().is_none());
+    }
+
+    #[test]
+    fn claims_in_flight_wait_for_their_result_or_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let records = db.open_tree("records").unwrap();
+        let claim = [crate::store::record::SCHEMA_VERSION, 1, 0, 0];
+        let o = Overlay::default();
+        o.shard(&[1; 64])
+            .insert([1; 64], Some(sled::IVec::from(&claim[..])));
+        o.shard(&[2; 64])
+            .insert([2; 64], Some(sled::IVec::from(b"result")));
+        assert_eq!(o.apply_settled(&records).unwrap(), 1);
+        assert!(records.get([1u8; 64]).unwrap().is_none(), "claim kept back");
+        assert_eq!(o.get(&[1; 64]), Some(Some(sled::IVec::from(&claim[..]))));
+        assert!(records.get([2u8; 64]).unwrap().is_some());
+        assert_eq!(o.apply(&records).unwrap(), 1);
+        assert_eq!(
+            records.get([1u8; 64]).unwrap().unwrap().as_ref(),
+            &claim[..]
+        );
+        assert_eq!(o.len(), 0);
     }
 
     #[test]
