@@ -459,6 +459,32 @@ async fn idle_timeout_closes_idle_http1_connections_but_not_busy_ones() {
         .await;
 }
 
+/// A connection that keeps sending requests, each within `idle_timeout` of the last answer, is never
+/// idle for `idle_timeout`, however long it lives.
+#[tokio::test]
+async fn idle_timeout_counts_from_the_last_answer_not_from_the_connection_start() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .server("idle_timeout = \"300ms\"")
+        .start()
+        .await;
+    let mut conn = H1::connect(p.addr).await;
+    let opened = Instant::now();
+    let mut n = 0;
+    while opened.elapsed() < Duration::from_millis(1200) {
+        n += 1;
+        conn.get(p.addr, "/steady").await;
+        conn.response()
+            .await
+            .assert_forwarded(200, format!("hit {n} GET /steady").as_bytes());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(n >= 5, "{n} requests");
+    let answered = Instant::now();
+    conn.wait_closed("the connection once it went idle").await;
+    assert!(answered.elapsed() >= Duration::from_millis(100));
+}
+
 /// The same over HTTP/2 with prior knowledge (h2c): after a request is answered and `idle_timeout`
 /// (300 ms) passes with nothing in flight, the proxy sends GOAWAY and closes the connection. Without it
 /// an h2 connection would stay open as long as the client keeps answering pings.

@@ -208,26 +208,29 @@ impl Activity {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Resolves once no request has been in flight for `limit`.
+    /// Resolves once no request has been in flight for `limit`. One timer per `limit` at most, not
+    /// one per request: it fires, then looks at when the connection last went idle.
     async fn idle_for(&self, limit: Duration) {
+        let timer = tokio::time::sleep(limit);
+        tokio::pin!(timer);
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the state is read, so a change in between is not missed.
-            changed.as_mut().enable();
-            if self.active() > 0 {
+            timer.as_mut().await;
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                // Registered before the state is read, so the last request's end is not missed.
+                changed.as_mut().enable();
+                if self.active() == 0 {
+                    break;
+                }
                 changed.await;
-                continue;
             }
             let since = *self.since.lock().unwrap_or_else(|e| e.into_inner());
             let at = since + limit;
             if Instant::now() >= at {
                 return;
             }
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep_until(at) => {}
-            }
+            timer.as_mut().reset(at);
         }
     }
 }
