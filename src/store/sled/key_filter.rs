@@ -21,8 +21,9 @@ use fastbloom::AtomicBloomFilter;
 
 use super::{overlay::Overlay, unflushed::lock};
 
-/// Fewest keys a filter is sized for.
-const MIN_CAPACITY: usize = 1 << 16;
+/// Fewest keys a filter is sized for: about 1.2 MB at 1% false positives. A rebuild walks sled (and
+/// pages much of it in), so a store that stays under a million keys never rebuilds after its open.
+const MIN_CAPACITY: usize = 1 << 20;
 /// Target false-positive rate (a false positive costs one read).
 const FALSE_POSITIVES: f64 = 0.01;
 
@@ -54,6 +55,8 @@ impl Filter {
 /// holds the database open).
 #[derive(Debug)]
 pub(super) struct KeyFilter {
+    /// Fewest keys a filter is sized for ([`MIN_CAPACITY`]; smaller in tests).
+    min: usize,
     current: Arc<ArcSwap<Filter>>,
     building: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -83,8 +86,13 @@ fn hash(key: &[u8; 64]) -> u64 {
 impl KeyFilter {
     /// Starts the first build over `records`.
     pub(super) fn open(records: &sled::Tree, overlay: &Arc<Overlay>) -> Self {
+        Self::open_sized(records, overlay, MIN_CAPACITY)
+    }
+
+    fn open_sized(records: &sled::Tree, overlay: &Arc<Overlay>, min: usize) -> Self {
         let f = Self {
-            current: Arc::new(ArcSwap::from_pointee(Filter::new(MIN_CAPACITY, None))),
+            min,
+            current: Arc::new(ArcSwap::from_pointee(Filter::new(min, None))),
             building: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(AtomicBool::new(false)),
             thread: std::sync::Mutex::new(None),
@@ -124,6 +132,7 @@ impl KeyFilter {
         if self.building.swap(true, Ordering::SeqCst) {
             return;
         }
+        let min = self.min;
         let (current, building, records, overlay, stop) = (
             Arc::clone(&self.current),
             Arc::clone(&self.building),
@@ -137,7 +146,7 @@ impl KeyFilter {
                 let started = std::time::Instant::now();
                 let count = records.len().max(hint);
                 let previous = Some(current.load_full()).filter(|f| f.ready.load(Ordering::Acquire));
-                let next = Arc::new(Filter::new((count * 2).max(MIN_CAPACITY), previous));
+                let next = Arc::new(Filter::new((count * 2).max(min), previous));
                 // Installed before the walk, with every overlay shard locked: writers insert into it
                 // from now on, and the keys already in the overlay (not yet in sled) are added now.
                 {
@@ -196,6 +205,9 @@ impl KeyFilter {
 mod tests {
     use super::*;
 
+    /// A filter size that tests can fill quickly.
+    const SMALL: usize = 1 << 16;
+
     fn key(i: u32) -> [u8; 64] {
         let mut k = [0u8; 64];
         let d = sha2::Digest::finalize(sha2::Digest::chain_update(
@@ -216,34 +228,35 @@ mod tests {
             records.insert(key(i), b"v").unwrap();
         }
         let overlay = Arc::new(Overlay::default());
-        let f = KeyFilter::open(&records, &overlay);
+        let f = KeyFilter::open_sized(&records, &overlay, SMALL);
         f.wait_ready();
         assert!((0..1000).all(|i| f.may_contain(&key(i))));
         let absent = (1000..11_000).filter(|&i| !f.may_contain(&key(i))).count();
         assert!(absent > 9_500, "false positives: {}", 10_000 - absent);
         // Past its capacity it is built again, larger, and still knows every key. As in the store, a
         // key is added under its overlay lock before it can reach `records`.
-        for i in 1000..(MIN_CAPACITY as u32 + 5000) {
+        for i in 1000..(SMALL as u32 + 5000) {
             let k = key(i);
             let _shard = overlay.shard(&k);
             f.insert(&k, &records, &overlay);
             records.insert(k, b"v").unwrap();
         }
         f.wait_ready();
-        assert!(f.current.load().capacity > MIN_CAPACITY);
-        assert!((0..MIN_CAPACITY as u32 + 5000).all(|i| f.may_contain(&key(i))));
+        assert!(f.current.load().capacity > SMALL);
+        assert!((0..SMALL as u32 + 5000).all(|i| f.may_contain(&key(i))));
     }
 
     #[test]
     fn a_rebuild_answers_with_the_filter_it_replaces() {
-        let prev = Arc::new(Filter::new(MIN_CAPACITY, None));
+        let prev = Arc::new(Filter::new(SMALL, None));
         for i in 0..1000 {
             prev.bloom.insert_hash(hash(&key(i)));
         }
         prev.ready.store(true, Ordering::Release);
-        let next = Filter::new(MIN_CAPACITY, Some(prev));
+        let next = Filter::new(SMALL, Some(prev));
         next.bloom.insert_hash(hash(&key(5000)));
         let f = KeyFilter {
+            min: SMALL,
             current: Arc::new(ArcSwap::from_pointee(next)),
             building: Arc::new(AtomicBool::new(true)),
             stop: Arc::new(AtomicBool::new(false)),
