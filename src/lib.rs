@@ -12,6 +12,7 @@
 //! - [`server`]: accept loops, connection handling and graceful shutdown; knows nothing about idempotency.
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
 //! - [`app`]: wires the pieces together for `idemproxy run` and `idemproxy demo`.
+//! - [`pem`]: PEM files named in the config, read into rustls types.
 //! - [`health`]: `idemproxy health`, the shell-free probe behind the container image's `HEALTHCHECK`.
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod key;
+pub mod pem;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -8,18 +8,17 @@
 //! - A reload that fails (missing file, bad PEM, key not matching the certificate, bad client CA) changes
 //!   nothing: the running certificates stay in use and the error says which file is at fault.
 
-use std::{fmt, io, path::Path, path::PathBuf, sync::Arc, time::Duration};
+use std::{fmt, io, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    server::WebPkiClientVerifier,
-    RootCertStore, ServerConfig,
-};
+use rustls::{server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
-use crate::config::TlsConfig;
+use crate::{
+    config::TlsConfig,
+    pem::{read_certs, read_key, PemError},
+};
 
 /// ALPN protocols offered to clients, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -28,26 +27,9 @@ pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// The cause is part of the message (not a `source()`), so a chain printer does not repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM file could not be read or parsed.
-    #[error("{key}: cannot read {}: {cause}", path.display())]
-    Read {
-        /// Config key (`server.tls.cert`, …).
-        key: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Cause (I/O or PEM syntax).
-        cause: rustls::pki_types::pem::Error,
-    },
-    /// The file holds no item of the expected kind.
-    #[error("{key}: no PEM {what} found in {}", path.display())]
-    Empty {
-        /// Config key.
-        key: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// "certificate" or "private key".
-        what: &'static str,
-    },
+    /// A PEM file could not be read or parsed, or holds no item of the expected kind.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// rustls refused the certificate chain and key (e.g. the key does not match the certificate).
     #[error("server.tls: unusable certificate/key pair ({} / {}): {cause}", cert.display(), key.display())]
     CertKey {
@@ -75,46 +57,6 @@ pub enum TlsError {
     /// The crypto provider refused the protocol versions (a build problem).
     #[error("TLS setup: {0}")]
     Setup(rustls::Error),
-}
-
-/// Reads every certificate of a PEM file (at least one).
-pub fn read_certs(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read_err = |source| TlsError::Read {
-        key,
-        path: path.to_owned(),
-        cause: source,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(read_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_err)?;
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            key,
-            path: path.to_owned(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
-/// Reads the first private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::Empty {
-            key,
-            path: path.to_owned(),
-            what: "private key",
-        },
-        source => TlsError::Read {
-            key,
-            path: path.to_owned(),
-            cause: source,
-        },
-    })
 }
 
 /// Builds the rustls config of the listener from the PEM files named in `cfg`.

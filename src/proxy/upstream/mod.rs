@@ -65,26 +65,9 @@ pub struct ConnectTimeout(pub Duration);
 /// The cause is part of the message (not a `source()`), so a chain printer does not repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
-    /// A PEM file could not be read or parsed.
-    #[error("{key}: cannot read {path}: {cause}")]
-    Read {
-        /// Config key (`upstream.ca_file`, …).
-        key: &'static str,
-        /// The file.
-        path: String,
-        /// Cause.
-        cause: rustls::pki_types::pem::Error,
-    },
-    /// The file holds no item of the expected kind.
-    #[error("{key}: no PEM {what} found in {path}")]
-    Empty {
-        /// Config key.
-        key: &'static str,
-        /// The file.
-        path: String,
-        /// "certificate" or "private key".
-        what: &'static str,
-    },
+    /// A PEM file could not be read or parsed, or holds no item of the expected kind.
+    #[error(transparent)]
+    Pem(#[from] crate::pem::PemError),
     /// rustls refused a CA certificate, or the client certificate and key.
     #[error("{key}: {cause}")]
     Tls {

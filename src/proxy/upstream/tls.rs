@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    ClientConfig, RootCertStore,
-};
+use rustls::{ClientConfig, RootCertStore};
 
 use super::UpstreamSetupError;
-use crate::config::UpstreamConfig;
+use crate::{
+    config::UpstreamConfig,
+    pem::{read_certs, read_key},
+};
 
 /// The rustls client config: trust (`ca_file` or the web roots) and the optional client identity. ALPN
 /// is set by the connector builder.
@@ -47,45 +47,4 @@ pub(super) fn client_tls(cfg: &UpstreamConfig) -> Result<ClientConfig, UpstreamS
                 })
         }
     }
-}
-
-fn read_certs(
-    key: &'static str,
-    path: &std::path::Path,
-) -> Result<Vec<CertificateDer<'static>>, UpstreamSetupError> {
-    let read_err = |source| UpstreamSetupError::Read {
-        key,
-        path: path.display().to_string(),
-        cause: source,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(read_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_err)?;
-    if certs.is_empty() {
-        return Err(UpstreamSetupError::Empty {
-            key,
-            path: path.display().to_string(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
-fn read_key(
-    key: &'static str,
-    path: &std::path::Path,
-) -> Result<PrivateKeyDer<'static>, UpstreamSetupError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => UpstreamSetupError::Empty {
-            key,
-            path: path.display().to_string(),
-            what: "private key",
-        },
-        source => UpstreamSetupError::Read {
-            key,
-            path: path.display().to_string(),
-            cause: source,
-        },
-    })
 }
