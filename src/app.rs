@@ -9,9 +9,10 @@ use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    admin::{metrics, Admin, AdminSettings, Readiness},
+    admin::{Admin, AdminSettings, Readiness},
     clock::SystemClock,
     config::{defaults::DEFAULT_PERIODIC_FLUSH, Backend, Config, Overrides},
+    metrics,
     proxy::{self, Proxy},
     server::{self, shutdown::Hangups, Drain, Handler, ResponseFuture, ServeOptions},
     store::{

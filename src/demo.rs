@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     app::{self, AppError},
+    body::{full, Body},
     config::{Config, Overrides},
-    proxy::body::{full, Body},
     server::{self, Drain, Handler, ResponseFuture, ServeOptions},
 };
 

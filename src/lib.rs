@@ -5,26 +5,33 @@
 //! requests, records the upstream's answer and replays it to every retry.
 //!
 //! # Layout
-//! - [`config`]: TOML file → validated, typed [`config::Config`] (every problem reported with its path).
-//! - [`key`]: client keys, scoped store keys and request fingerprints.
-//! - [`store`]: the [`store::Store`] trait, its record state machine and the sled / in-memory backends.
-//! - [`proxy`]: the request pipeline (route → key → claim → forward → record → respond) and the upstream client.
-//! - [`server`]: accept loops, connection handling and graceful shutdown; knows nothing about idempotency.
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
-//! - [`app`]: wires the pieces together for `idemproxy run` and `idemproxy demo`.
-//! - [`pem`]: PEM files named in the config, read into rustls types.
-//! - [`health`]: `idemproxy health`, the shell-free probe behind the container image's `HEALTHCHECK`.
+//! Top-down; a module uses only modules below it (no import cycle).
+//! - `main` and [`cli`]: the command line; [`app`]: wires the pieces together for `idemproxy run` and
+//!   `idemproxy demo` ([`demo`]); [`health`]: `idemproxy health`, the probe behind the image's
+//!   `HEALTHCHECK`; [`telemetry`]: logging.
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, the key API).
+//! - [`server`]: accept loops, TLS, connections and graceful shutdown; knows nothing about idempotency.
+//! - [`proxy`]: the request pipeline (route → key → claim → forward → record → respond).
+//! - [`key`]: client keys, scoped store keys and request fingerprints; [`store`]: the [`store::Store`]
+//!   trait, its record state machine and the sled / Redis / in-memory backends; [`upstream`]: the
+//!   client that forwards requests.
+//! - [`config`]: TOML file → validated, typed [`config::Config`] (every problem reported with its path);
+//!   [`metrics`]: every metric the proxy exports; [`body`]: the body type and bounded buffering;
+//!   [`clock`]; [`pem`]: PEM files named in the config.
 
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod health;
 pub mod key;
+pub mod metrics;
 pub mod pem;
 pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;

@@ -8,8 +8,6 @@
 //!   purge them. `Authorization: Bearer <token>` (compared in constant time): none → 401, wrong → 403;
 //!   with no token configured `/admin/*` answers 404. The key is never logged whole.
 
-pub mod metrics;
-
 use std::{
     net::SocketAddr,
     sync::{
@@ -23,10 +21,11 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 
 use crate::{
+    body::{full, Body},
     clock::rfc3339,
     config::{defaults::DEFAULT_ROUTE_NAME, Config},
     key::{redact, IdempotencyKey, StoreKey},
-    proxy::body::{full, Body},
+    metrics,
     server::{Handler, ResponseFuture},
     store::{Record, Store},
 };

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::body::{full, Body};
+use crate::body::{full, Body};
 use crate::{
     key::{path::PathError, JsonKeyError, KeyError},
     store::StoreError,

@@ -25,7 +25,6 @@ use http::{header, request::Parts, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use super::{
-    body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed},
     detach::Detachable,
     error::ProxyError,
     forward::{into_proxy_error, upstream_request, upstream_response},
@@ -33,14 +32,14 @@ use super::{
     progress::{Phase, Progress},
     replay::replay,
     rules::RouteRules,
-    shared_replays, tagged, upgrade,
-    upstream::UpstreamError,
-    Live, Proxy,
+    shared_replays, tagged, upgrade, Live, Proxy,
 };
+use crate::body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed};
+use crate::upstream::UpstreamError;
 use crate::{
-    admin::metrics::{InflightGuard, Outcome},
     config::{FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode},
     key::{fingerprint, json_pointer_key, path::key_form, Fingerprint, IdempotencyKey, StoreKey},
+    metrics::{InflightGuard, Outcome},
     store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
 };
 

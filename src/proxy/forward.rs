@@ -8,15 +8,14 @@ use std::net::SocketAddr;
 use http::{header, request::Parts, uri::Scheme, HeaderValue, Response};
 
 use super::{
-    body::{stream, Body},
     error::ProxyError,
     headers::{add_forwarded, strip_hop_by_hop},
     limit::Slot,
-    tagged,
-    upstream::{ResponseBody, UpstreamError},
-    Live,
+    tagged, Live,
 };
-use crate::admin::metrics::Outcome;
+use crate::body::{stream, Body};
+use crate::metrics::Outcome;
+use crate::upstream::{ResponseBody, UpstreamError};
 
 /// Rewrites a client request's head for the upstream: hop-by-hop headers out, `X-Forwarded-*` in,
 /// `Host` and the URI pointed at the upstream (a client cannot redirect the proxy), HTTP/1.1.

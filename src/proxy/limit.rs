@@ -11,11 +11,9 @@ use std::sync::Arc;
 use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{
-    body::{Body, Guarded},
-    error::ProxyError,
-};
-use crate::admin::metrics::InflightGuard;
+use super::error::ProxyError;
+use crate::body::{Body, Guarded};
+use crate::metrics::InflightGuard;
 
 /// The slots of one proxy (kept across config reloads).
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@
 //! Redis types. What a config reload may change (routes, rules, upstream, limits) lives in one [`Live`]
 //! value swapped atomically: a request keeps the `Live` it started with.
 
-pub mod body;
 mod detach;
 pub mod error;
 mod flow;
@@ -18,7 +17,6 @@ pub mod replay;
 pub mod rules;
 mod shared_replays;
 mod upgrade;
-pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -27,15 +25,16 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
-pub use body::Body;
 pub use error::ProxyError;
 
 use progress::Progress;
 
 use crate::{
-    admin::metrics::{InflightGuard, Outcome},
+    body::Body,
     config::Config,
+    metrics::{InflightGuard, Outcome},
     store::Store,
+    upstream,
 };
 
 /// Size and time limits of the pipeline.

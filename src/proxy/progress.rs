@@ -16,10 +16,8 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::{
-    body::{Body, BoxError},
-    error::ProxyError,
-};
+use super::error::ProxyError;
+use crate::body::{Body, BoxError};
 use crate::store::StoreError;
 
 /// The phase a request is in.

@@ -3,7 +3,7 @@
 
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 
-use super::body::{empty, full, Body};
+use crate::body::{empty, full, Body};
 use crate::store::Completed;
 
 /// Marks every replayed response.

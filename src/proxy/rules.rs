@@ -11,9 +11,9 @@ use std::sync::Arc;
 use globset::{GlobBuilder, GlobMatcher};
 
 use crate::{
-    admin::metrics::RouteCounters,
     config::{defaults::DEFAULT_ROUTE_NAME, Config, Rule},
     key::path::{match_forms, trim_slash, PathError},
+    metrics::RouteCounters,
 };
 use http::Method;
 

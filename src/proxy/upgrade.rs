@@ -19,13 +19,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{
-    body::{empty, stream, Body},
     error::ProxyError,
     forward::{into_proxy_error, upstream_request},
     headers::strip_hop_by_hop,
     tagged, Live,
 };
-use crate::admin::metrics::Outcome;
+use crate::body::{empty, stream, Body};
+use crate::metrics::Outcome;
 
 /// The protocol a request asks to switch to: its `Upgrade` value, when `Connection` lists `upgrade`
 /// (RFC 9110 §7.8: an `Upgrade` header not named in `Connection` is not an upgrade request).

@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use super::{Handler, ServeOptions, ServerTls};
-use crate::proxy::body::Guarded;
+use crate::body::Guarded;
 
 /// A place among the `max_connections`; counted in `idemproxy_connections` while held.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ pub(super) struct ConnSlot {
 
 impl ConnSlot {
     pub(super) fn new(permit: OwnedSemaphorePermit, listener: &'static str) -> Self {
-        crate::admin::metrics::connection_opened(listener);
+        crate::metrics::connection_opened(listener);
         Self {
             _permit: permit,
             listener,
@@ -52,7 +52,7 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        crate::admin::metrics::connection_closed(self.listener);
+        crate::metrics::connection_closed(self.listener);
     }
 }
 

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use conn::{Conn, ConnSlot};
 
-use crate::proxy::Body;
+use crate::body::Body;
 
 pub use tls::ServerTls;
 pub use workers::Workers;

@@ -15,8 +15,8 @@ use super::{
     SweepStats,
 };
 use crate::{
-    admin::metrics,
     key::{Fingerprint, StoreKey},
+    metrics,
 };
 
 /// Bounds, times and counts the operations of an inner store.

@@ -188,20 +188,8 @@ pub trait Store: Send + Sync + Debug + 'static {
     }
 }
 
-/// Counters a backend may expose for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BackendStats {
-    /// Bytes on disk.
-    pub size_on_disk: Option<u64>,
-    /// Bytes of live records (what `[store] max_size` caps).
-    pub live_bytes: Option<u64>,
-    /// `[store] max_size`, where the backend enforces it.
-    pub max_size: Option<u64>,
-    /// Flushes performed (group commit).
-    pub flushes: u64,
-    /// Writes that asked to be durable.
-    pub durable_writes: u64,
-}
+/// What a backend reports about itself (exported as gauges, see `metrics`).
+pub use crate::metrics::BackendStats;
 
 /// Seconds to tell a client to wait: time left on a lease, rounded up, at least one second.
 pub(crate) fn retry_after(deadline_ms: u64, now_ms: u64) -> Duration {

@@ -426,7 +426,7 @@ fn run(
         if result.is_ok() && wrote {
             last_sync = started.elapsed();
             s.syncs.fetch_add(1, Ordering::Relaxed);
-            crate::admin::metrics::store_fsync(last_sync);
+            crate::metrics::store_fsync(last_sync);
         }
         let result = result.map_err(Arc::new);
         if let Err(e) = &result {

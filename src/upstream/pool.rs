@@ -32,7 +32,7 @@ use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use thread_local::ThreadLocal;
 
-use crate::proxy::body::Body;
+use crate::body::Body;
 
 /// How long an idle connection is kept.
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -37,7 +37,7 @@ mod tls;
 
 pub use pool::ResponseBody;
 
-use super::body::{Body, BoxError};
+use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 
 type Connector = HttpsConnector<HttpConnector>;

@@ -302,8 +302,23 @@ pub fn swept(expired: u64) {
     counter!("idemproxy_records_expired_total").increment(expired);
 }
 
+/// Counters a backend may expose for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Bytes on disk.
+    pub size_on_disk: Option<u64>,
+    /// Bytes of live records (what `[store] max_size` caps).
+    pub live_bytes: Option<u64>,
+    /// `[store] max_size`, where the backend enforces it.
+    pub max_size: Option<u64>,
+    /// Flushes performed (group commit).
+    pub flushes: u64,
+    /// Writes that asked to be durable.
+    pub durable_writes: u64,
+}
+
 /// Store size and group-commit counters (absolute values, sampled).
-pub fn store_stats(st: &crate::store::BackendStats) {
+pub fn store_stats(st: &BackendStats) {
     if let Some(s) = st.size_on_disk {
         gauge!("idemproxy_store_size_bytes").set(s as f64);
     }
