@@ -42,24 +42,7 @@ pub enum Command {
         log_format: LogFormat,
     },
     /// Probe the admin listener's /healthz: exit 0 on 200, 1 otherwise (for container health checks).
-    Health(HealthArgs),
-}
-
-/// Options of `health` (see [`crate::health`] for how the URL is chosen).
-#[derive(Debug, Args, Clone)]
-pub struct HealthArgs {
-    /// URL to GET [default: /healthz on the admin listener of --config, else http://127.0.0.1:9090/healthz].
-    #[arg(long, env = "IDEMPROXY_HEALTH_URL")]
-    pub url: Option<String>,
-    /// Bound on the whole probe, e.g. 500ms [default: 2s].
-    #[arg(long, env = "IDEMPROXY_HEALTH_TIMEOUT")]
-    pub timeout: Option<String>,
-    /// Config whose admin.listen is probed when no URL is given.
-    #[arg(long, short, env = "IDEMPROXY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Admin address to probe when no URL is given (overrides admin.listen).
-    #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN")]
-    pub admin_listen: Option<String>,
+    Health(crate::health::HealthArgs),
 }
 
 /// Options of `run`.

@@ -16,18 +16,19 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
 };
 
 use bytes::Bytes;
+use clap::Args;
 use http::{header, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::{cli::HealthArgs, config::defaults::DEFAULT_ADMIN_LISTEN};
+use crate::config::defaults::DEFAULT_ADMIN_LISTEN;
 
 /// Bound on the whole probe (connect, request, response head) when `--timeout` is not given.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,6 +55,23 @@ pub enum ProbeError {
     /// Nothing complete within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+}
+
+/// Options of `idemproxy health` (see [`target`] for how the URL is chosen).
+#[derive(Debug, Args, Clone)]
+pub struct HealthArgs {
+    /// URL to GET [default: /healthz on the admin listener of --config, else http://127.0.0.1:9090/healthz].
+    #[arg(long, env = "IDEMPROXY_HEALTH_URL")]
+    pub url: Option<String>,
+    /// Bound on the whole probe, e.g. 500ms [default: 2s].
+    #[arg(long, env = "IDEMPROXY_HEALTH_TIMEOUT")]
+    pub timeout: Option<String>,
+    /// Config whose admin.listen is probed when no URL is given.
+    #[arg(long, short, env = "IDEMPROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin address to probe when no URL is given (overrides admin.listen).
+    #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
 }
 
 /// Runs `idemproxy health`: probe, print one line, and map the outcome to the exit code.
