@@ -37,8 +37,8 @@ pub mod shared_bytes;
 pub mod sled;
 mod watch;
 
-#[cfg(test)]
-mod conformance;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::{fmt::Debug, time::Duration};
 

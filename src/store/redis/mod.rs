@@ -228,17 +228,14 @@ impl RedisStore {
     }
 
     /// A store whose scripts use `clock` instead of the server's `TIME` (deterministic tests).
-    #[cfg(test)]
-    pub(crate) fn open_pinned(
-        opts: &RedisOptions,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, StoreError> {
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_pinned(opts: &RedisOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         Self::build(opts, Some(clock), false)
     }
 
     /// A store whose scripts are sent in Redis 7's strict form (see `Scripts::new`).
-    #[cfg(test)]
-    pub(crate) fn open_strict(opts: &RedisOptions) -> Result<Self, StoreError> {
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_strict(opts: &RedisOptions) -> Result<Self, StoreError> {
         Self::build(opts, None, true)
     }
 
@@ -325,16 +322,16 @@ impl RedisStore {
     }
 
     /// Waits (at most `limit`) until the pub/sub connection is subscribed; whether it is.
-    #[cfg(test)]
-    pub(crate) async fn wait_subscribed(&self, limit: Duration) -> bool {
+    #[cfg(any(test, feature = "testing"))]
+    pub async fn wait_subscribed(&self, limit: Duration) -> bool {
         let mut rx = self.inner.subscribed.clone();
         let subscribed = tokio::time::timeout(limit, rx.wait_for(|s| *s)).await;
         matches!(subscribed, Ok(Ok(_)))
     }
 
     /// The names of the keys of `key` (tests).
-    #[cfg(test)]
-    pub(crate) fn key_names(&self, key: &StoreKey) -> (String, String) {
+    #[cfg(any(test, feature = "testing"))]
+    pub fn key_names(&self, key: &StoreKey) -> (String, String) {
         (
             self.inner.names.record(key),
             self.inner.names.index(&key.id),
