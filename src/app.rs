@@ -376,8 +376,6 @@ pub fn reload(
     let new = Config::load(Some(path), overrides)
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let mut restart = Vec::new();
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     if new.server.listen != current.server.listen {
         restart.push("server.listen");
     }
@@ -407,8 +405,50 @@ pub fn reload(
     if new.admin.listen != current.admin.listen {
         restart.push("admin.listen");
     }
-    if !same(&new.store, &current.store) {
-        restart.push("store");
-    }
+    // The store is opened once: every one of its settings waits for a restart.
+    let (a, b) = (&new.store, &current.store);
+    let store_keys = [
+        ("store.backend", a.backend != b.backend),
+        ("store.path", a.path != b.path),
+        ("store.sync", a.sync != b.sync),
+        ("store.cache_capacity", a.cache_capacity != b.cache_capacity),
+        ("store.sweep_interval", a.sweep_interval != b.sweep_interval),
+        ("store.max_size", a.max_size != b.max_size),
+        ("store.timeout", a.timeout != b.timeout),
+        ("store.redis_url", a.redis_url != b.redis_url),
+        ("store.key_prefix", a.key_prefix != b.key_prefix),
+    ];
+    restart.extend(
+        store_keys
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(k, _)| *k),
+    );
     Ok((new, restart))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(dir: &std::path::Path, name: &str, toml: &str) -> (std::path::PathBuf, Config) {
+        let path = dir.join(name);
+        std::fs::write(&path, toml).unwrap();
+        let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
+        (path, cfg)
+    }
+
+    #[test]
+    fn a_reload_names_each_store_key_that_waits_for_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "[upstream]\nurl = \"http://127.0.0.1:9\"\n[store]\ntimeout = \"2s\"\n";
+        let (path, current) = load(dir.path(), "a.toml", base);
+        let (_, restart) = reload(&path, &Overrides::default(), &current).unwrap();
+        assert!(restart.is_empty(), "{restart:?}");
+
+        let changed = "[upstream]\nurl = \"http://127.0.0.1:9\"\n[store]\ntimeout = \"3s\"\ncache_capacity = \"32MiB\"\n";
+        std::fs::write(&path, changed).unwrap();
+        let (_, restart) = reload(&path, &Overrides::default(), &current).unwrap();
+        assert_eq!(restart, ["store.cache_capacity", "store.timeout"]);
+    }
 }
