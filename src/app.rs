@@ -76,7 +76,7 @@ impl Handler for ProxyHandler {
 }
 
 /// Opens the configured store.
-fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), AppError> {
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     match config.store.backend {
         Backend::Redis => {
             // Validation guarantees a URL with backend = "redis".
@@ -88,10 +88,10 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
                 path: crate::config::redact_url(url),
                 source,
             })?;
-            Ok((
-                Arc::new(Instrumented::new(Arc::new(s), config.store.timeout)),
-                None,
-            ))
+            Ok(Arc::new(Instrumented::new(
+                Arc::new(s),
+                config.store.timeout,
+            )))
         }
         Backend::Sled => {
             let opts = SledOptions {
@@ -107,10 +107,10 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<SledStore>), Ap
                     source,
                 }
             })?;
-            Ok((
-                Arc::new(Instrumented::new(Arc::new(s.clone()), config.store.timeout)),
-                Some(s),
-            ))
+            Ok(Arc::new(Instrumented::new(
+                Arc::new(s),
+                config.store.timeout,
+            )))
         }
     }
 }
@@ -132,7 +132,7 @@ pub async fn run(
     // SIGHUP's default action kills the process: listen for it before anything is bound or announced.
     let hangups = Hangups::new();
     metrics::install();
-    let (store, sled) = open_store(&config)?;
+    let store = open_store(&config)?;
     let proxy = Arc::new(Proxy::new(&config, Arc::clone(&store))?);
     let readiness = Arc::new(Readiness::default());
     let listener = bind(config.server.listen).await?;
@@ -247,10 +247,8 @@ pub async fn run(
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final flush failed");
     }
-    if let Some(s) = sled {
-        // Clean only when nothing can write any more (a claim still running after the grace would).
-        s.close(drain == Drain::Complete);
-    }
+    // Clean only when nothing can write any more (a claim still running after the grace would).
+    store.close(drain == Drain::Complete);
     if let Some(r) = reloader {
         let _ = r.await;
     }

@@ -123,4 +123,8 @@ impl Store for Instrumented {
     fn stats(&self) -> BackendStats {
         self.inner.stats()
     }
+
+    fn close(&self, clean: bool) {
+        self.inner.close(clean);
+    }
 }

@@ -186,6 +186,13 @@ pub trait Store: Send + Sync + Debug + 'static {
     fn stats(&self) -> BackendStats {
         BackendStats::default()
     }
+
+    /// Stops the backend's background work and leaves its data ready for the next open (called once,
+    /// at shutdown, after the last flush). `clean`: nothing writes any more. Backends whose tasks stop
+    /// on drop have nothing to do.
+    fn close(&self, clean: bool) {
+        let _ = clean;
+    }
 }
 
 /// What a backend reports about itself (exported as gauges, see `metrics`).

@@ -384,6 +384,10 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn close(&self, clean: bool) {
+        SledStore::close(self, clean);
+    }
+
     fn backend(&self) -> &'static str {
         "sled"
     }
