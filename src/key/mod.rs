@@ -67,33 +67,21 @@ impl IdempotencyKey {
             let text = std::str::from_utf8(v).map_err(|_| KeyError::InvalidChar)?;
             return Self::new(text);
         }
-        let mut out = Vec::with_capacity(v.len());
-        let mut i = 1;
-        loop {
-            match v.get(i) {
-                None => return Err(KeyError::BadSfString),
-                Some(b'"') => {
-                    if i + 1 != v.len() {
-                        return Err(KeyError::BadSfString);
-                    }
-                    break;
+        // The value as one RFC 8941 item (sfv): a string, without parameters.
+        let item: sfv::Item = sfv::Parser::new(v)
+            .with_version(sfv::Version::Rfc8941)
+            .parse()
+            .map_err(|_| {
+                if v.iter().any(|c| !(0x20..=0x7e).contains(c)) {
+                    KeyError::InvalidChar
+                } else {
+                    KeyError::BadSfString
                 }
-                Some(b'\\') => match v.get(i + 1) {
-                    Some(c @ (b'"' | b'\\')) => {
-                        out.push(*c);
-                        i += 2;
-                    }
-                    _ => return Err(KeyError::BadSfString),
-                },
-                Some(c) if (0x20..=0x7e).contains(c) => {
-                    out.push(*c);
-                    i += 1;
-                }
-                Some(_) => return Err(KeyError::InvalidChar),
-            }
+            })?;
+        match (item.bare_item.as_string(), item.params.is_empty()) {
+            (Some(text), true) => Self::new(text.as_str()),
+            _ => Err(KeyError::BadSfString),
         }
-        let text = String::from_utf8(out).map_err(|_| KeyError::InvalidChar)?;
-        Self::new(&text)
     }
 
     /// Reads the key header of a request: `Ok(None)` when absent.
@@ -353,6 +341,11 @@ mod tests {
         assert_eq!(
             IdempotencyKey::from_header(br#""a\b""#),
             Err(KeyError::BadSfString)
+        );
+        assert_eq!(
+            IdempotencyKey::from_header(br#""abc";p=1"#),
+            Err(KeyError::BadSfString),
+            "an sf-string with parameters"
         );
         assert_eq!(
             IdempotencyKey::from_header(&[b'a'; 256]),
