@@ -12,10 +12,12 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use http::{uri::Scheme, Request, Response};
 use hyper::body::Incoming;
@@ -225,7 +227,7 @@ impl Activity {
                 }
                 changed.await;
             }
-            let since = *self.since.lock().unwrap_or_else(|e| e.into_inner());
+            let since = *self.since.lock();
             let at = since + limit;
             if Instant::now() >= at {
                 return;
@@ -249,7 +251,7 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *self.0.since.lock() = Instant::now();
         // Only the last request to end starts the idle clock.
         if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.changed.notify_waiters();

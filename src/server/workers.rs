@@ -9,13 +9,12 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use tokio::sync::mpsc;
 
@@ -69,7 +68,7 @@ impl Workers {
 
     /// Runs `job` on the next thread in turn; gives it back if the threads are stopped.
     pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
-        let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        let senders = self.senders.lock();
         if senders.is_empty() {
             return Err(job);
         }
@@ -80,11 +79,8 @@ impl Workers {
     /// Stops the threads once their queues are empty, dropping what still runs on them, and waits.
     /// Call after every connection and task that matters has finished.
     pub fn shutdown(&self) {
-        self.senders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        self.senders.lock().clear();
+        let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
             let _ = t.join();
         }

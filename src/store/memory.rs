@@ -1,10 +1,8 @@
 //! An in-memory [`Store`]: the reference model of the state machine, for tests. Not durable.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
@@ -42,7 +40,7 @@ impl MemoryStore {
     }
 
     fn records(&self) -> MutexGuard<'_, BTreeMap<StoreKey, Record>> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner())
+        self.records.lock()
     }
 
     /// A claim is dead when its lease is over and its owner is not alive here.
@@ -77,7 +75,7 @@ impl Store for MemoryStore {
             _ => {}
         }
         let token = {
-            let mut t = self.next_token.lock().unwrap_or_else(|e| e.into_inner());
+            let mut t = self.next_token.lock();
             *t += 1;
             *t
         };

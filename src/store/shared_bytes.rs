@@ -7,8 +7,10 @@
 use std::{
     collections::HashMap,
     hash::Hash,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Weak},
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 
@@ -47,7 +49,7 @@ impl<K: Hash + Eq + Copy, Id: Eq + Copy> SharedBytes<K, Id> {
             return Ok(Bytes::from_owner(Owner(live)));
         }
         let made = Arc::new(fresh()?);
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.lock();
         // Another reader may have made it meanwhile: keep one copy.
         if let Some(live) = Self::alive(map.get(key), id) {
             return Ok(Bytes::from_owner(Owner(live)));
@@ -60,7 +62,7 @@ impl<K: Hash + Eq + Copy, Id: Eq + Copy> SharedBytes<K, Id> {
     }
 
     fn live(&self, key: &K, id: Id) -> Option<Arc<Bytes>> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.0.lock();
         Self::alive(map.get(key), id)
     }
 

@@ -1,19 +1,13 @@
 //! In-process bookkeeping shared by the backends: who waits on which key, and which claims belong to
 //! live owners of this process.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::{collections::HashMap, sync::Arc};
+
+use parking_lot::Mutex;
 
 use tokio::sync::watch;
 
 use crate::key::StoreKey;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave them inconsistent (single insert/remove).
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Per-key change notifications for waiters (`on_in_flight = "wait"`), woken in-process.
 #[derive(Debug, Default)]
@@ -39,7 +33,7 @@ impl KeyWatch {
 
 impl Drop for KeyWatch {
     fn drop(&mut self) {
-        let mut map = lock(&self.owner.map);
+        let mut map = self.owner.map.lock();
         if let Some(tx) = map.get(&self.key) {
             // Only our own channel (a newer one may have replaced it after a notify), and only when no
             // one else waits on it: this receiver and the probe are still counted here.
@@ -53,7 +47,7 @@ impl Drop for KeyWatch {
 
 impl Watchers {
     pub(crate) fn subscribe(self: &Arc<Self>, key: &StoreKey) -> KeyWatch {
-        let mut map = lock(&self.map);
+        let mut map = self.map.lock();
         let tx = map.entry(*key).or_insert_with(|| watch::channel(()).0);
         KeyWatch {
             rx: tx.subscribe(),
@@ -63,7 +57,7 @@ impl Watchers {
     }
 
     pub(crate) fn notify(&self, key: &StoreKey) {
-        if let Some(tx) = lock(&self.map).remove(key) {
+        if let Some(tx) = self.map.lock().remove(key) {
             tx.send_replace(());
         }
     }
@@ -71,7 +65,7 @@ impl Watchers {
     /// Wakes every watcher (they look again). For a backend whose change notifications come from
     /// elsewhere and may have been missed, e.g. while a Redis pub/sub connection was down.
     pub(crate) fn notify_all(&self) {
-        let all: Vec<_> = lock(&self.map).drain().map(|(_, tx)| tx).collect();
+        let all: Vec<_> = self.map.lock().drain().map(|(_, tx)| tx).collect();
         for tx in all {
             tx.send_replace(());
         }
@@ -93,18 +87,18 @@ impl<T> Default for LiveOwners<T> {
 
 impl<T: Clone> LiveOwners<T> {
     pub(crate) fn insert(&self, token: u64, owner: T) {
-        lock(&self.0).insert(token, owner);
+        self.0.lock().insert(token, owner);
     }
     pub(crate) fn remove(&self, token: u64) -> Option<T> {
-        lock(&self.0).remove(&token)
+        self.0.lock().remove(&token)
     }
     pub(crate) fn get(&self, token: u64) -> Option<T> {
-        lock(&self.0).get(&token).cloned()
+        self.0.lock().get(&token).cloned()
     }
     pub(crate) fn contains(&self, token: u64) -> bool {
-        lock(&self.0).contains_key(&token)
+        self.0.lock().contains_key(&token)
     }
     pub(crate) fn len(&self) -> usize {
-        lock(&self.0).len()
+        self.0.lock().len()
     }
 }

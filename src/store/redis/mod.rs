@@ -67,13 +67,9 @@
 //! [`StoreError::Backend`] (`backend = "redis"`), and recover without a restart once it is back.
 //! Durability is Redis's own (`appendonly`/`appendfsync`): `flush` has nothing to add.
 
-use std::{
-    collections::HashMap,
-    convert::Infallible,
-    fmt,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{collections::HashMap, convert::Infallible, fmt, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
 
 use ::redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -214,7 +210,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.pubsub.abort();
-        for (_, (_, renewal)) in lock(&self.owners).by_token.drain() {
+        for (_, (_, renewal)) in self.owners.lock().by_token.drain() {
             renewal.abort();
         }
     }

@@ -39,17 +39,17 @@ impl Inner {
             pin: self.pin.clone(),
         };
         let task = tokio::spawn(renewal.run());
-        let mut owners = lock(&self.owners);
+        let mut owners = self.owners.lock();
         owners.by_key.insert(*key, token);
         owners.by_token.insert(token, (*key, task.abort_handle()));
     }
 
     pub(super) fn disown(&self, token: u64) {
-        lock(&self.owners).remove(token);
+        self.owners.lock().remove(token);
     }
 
     pub(super) fn live_token(&self, key: &StoreKey) -> Option<u64> {
-        lock(&self.owners).by_key.get(key).copied()
+        self.owners.lock().by_key.get(key).copied()
     }
 }
 

@@ -106,8 +106,3 @@ pub(super) fn ms(d: Duration) -> u64 {
 pub(super) fn pin_arg(pin: Option<&Arc<dyn Clock>>) -> String {
     pin.map(|c| c.now_ms().to_string()).unwrap_or_default()
 }
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Single inserts/removes: a panic while holding the lock cannot leave the maps inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}

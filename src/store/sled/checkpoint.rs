@@ -19,16 +19,18 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     thread,
     time::Instant,
 };
 
+use parking_lot::Mutex;
+
 use super::{
     disk_sync::DiskSync,
     overlay::{Overlay, APPLY_EVERY},
-    wal::{self, lock, CheckpointSignal, Wal},
+    wal::{self, CheckpointSignal, Wal},
 };
 
 /// `meta` key: every log entry up to this sequence number is in sled's durable state.
@@ -77,7 +79,7 @@ impl Parts {
                 &self.block.load(Ordering::SeqCst).to_be_bytes(),
             )?;
             self.db.flush()?;
-            lock(&self.disk).after_flush().map_err(sled::Error::Io)
+            self.disk.lock().after_flush().map_err(sled::Error::Io)
         })();
         self.since.store(0, Ordering::SeqCst);
         result?;
@@ -135,7 +137,7 @@ impl Checkpointer {
     /// Stops the thread (after the checkpoint in progress) and waits for it.
     pub(super) fn stop(&self) {
         self.signal.stop();
-        if let Some(h) = lock(&self.thread).take() {
+        if let Some(h) = self.thread.lock().take() {
             let _ = h.join();
         }
     }
@@ -143,7 +145,7 @@ impl Checkpointer {
     /// Lets the thread go without waiting (stuck in a flush that will not return).
     pub(super) fn detach(&self) {
         self.signal.stop();
-        drop(lock(&self.thread).take());
+        drop(self.thread.lock().take());
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::{
 use arc_swap::{ArcSwap, ArcSwapOption};
 use fastbloom::AtomicBloomFilter;
 
-use super::{overlay::Overlay, unflushed::lock};
+use super::overlay::Overlay;
 
 /// Fewest keys a filter is sized for: about 1.2 MB at 1% false positives. A rebuild walks sled (and
 /// pages much of it in), so a store that stays under a million keys never rebuilds after its open.
@@ -60,13 +60,13 @@ pub(super) struct KeyFilter {
     current: Arc<ArcSwap<Filter>>,
     building: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for KeyFilter {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let handle = lock(&self.thread).take();
+        let handle = self.thread.lock().take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -95,7 +95,7 @@ impl KeyFilter {
             current: Arc::new(ArcSwap::from_pointee(Filter::new(min, None))),
             building: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(AtomicBool::new(false)),
-            thread: std::sync::Mutex::new(None),
+            thread: parking_lot::Mutex::new(None),
         };
         f.rebuild(records, overlay, 0);
         f
@@ -182,7 +182,7 @@ impl KeyFilter {
             });
         match spawned {
             Ok(h) => {
-                let old = lock(&self.thread).replace(h);
+                let old = self.thread.lock().replace(h);
                 // The previous build is over (`building` was false); reap its thread.
                 if let Some(old) = old {
                     let _ = old.join();
@@ -260,7 +260,7 @@ mod tests {
             current: Arc::new(ArcSwap::from_pointee(next)),
             building: Arc::new(AtomicBool::new(true)),
             stop: Arc::new(AtomicBool::new(false)),
-            thread: std::sync::Mutex::new(None),
+            thread: parking_lot::Mutex::new(None),
         };
         assert!((0..1000).chain([5000]).all(|i| f.may_contain(&key(i))));
         let absent = (10_000..20_000)

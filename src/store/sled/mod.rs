@@ -37,9 +37,11 @@
 
 use std::{
     path::Path,
-    sync::{atomic::AtomicU64, Arc, Mutex},
+    sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
@@ -71,7 +73,7 @@ use self::{
     size::{record_size, weigh, Size},
     space::{SpaceGuard, CLAIM_RESERVE, RESULT_RESERVE},
     sweep::{Walk, SWEEP_BATCH},
-    unflushed::{lock, remove_if, Unflushed, UnflushedMap},
+    unflushed::{remove_if, Unflushed, UnflushedMap},
     wal::{CheckpointSignal, Entry, Wal},
 };
 use super::{

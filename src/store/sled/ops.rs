@@ -54,7 +54,7 @@ impl SledStore {
                             // still between its CAS and its sequence number (0) waits for a flush
                             // that starts after this read.
                             if s.sync == SyncPolicy::Always {
-                                let pending = lock(&s.unflushed).get(&kb).copied();
+                                let pending = s.unflushed.lock().get(&kb).copied();
                                 let waited = match pending {
                                     None => Ok(()),
                                     Some(entry @ (_, seq)) => {

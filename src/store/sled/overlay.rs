@@ -20,12 +20,10 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasherDefault, Hasher},
-    sync::{Mutex, MutexGuard},
     time::Duration,
 };
 
-// Single inserts and whole-shard applies: a panic cannot leave a shard half-changed.
-use super::unflushed::lock;
+use parking_lot::{Mutex, MutexGuard};
 
 /// How often the overlay is applied to sled (it holds at most about this much of the write rate).
 pub(super) const APPLY_EVERY: Duration = Duration::from_millis(50);
@@ -71,7 +69,7 @@ impl Default for Overlay {
 impl Overlay {
     /// The shard of `key`, locked: the key's lock for a change.
     pub(super) fn shard(&self, key: &[u8; 64]) -> MutexGuard<'_, Shard> {
-        lock(&self.shards[usize::from(key[0]) % SHARDS])
+        self.shards[usize::from(key[0]) % SHARDS].lock()
     }
 
     /// The value of `key` if the overlay has one (`Some(None)`: deleted).
@@ -101,7 +99,7 @@ impl Overlay {
     ) -> Result<usize, sled::Error> {
         let mut n = 0;
         for shard in &self.shards {
-            let mut s = lock(shard);
+            let mut s = shard.lock();
             if s.is_empty() {
                 continue;
             }
@@ -137,13 +135,13 @@ impl Overlay {
 
     /// Every shard, locked (no change is made meanwhile).
     pub(super) fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
-        self.shards.iter().map(lock).collect()
+        self.shards.iter().map(|s| s.lock()).collect()
     }
 
     /// Changes not yet applied.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 }
 

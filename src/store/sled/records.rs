@@ -66,7 +66,7 @@ impl Inner {
 
     /// The next fencing token (> 0).
     pub(super) fn next_token(&self) -> Result<u64, StoreError> {
-        let mut t = lock(&self.tokens);
+        let mut t = self.tokens.lock();
         if t.used == 1 << TOKEN_BITS {
             t.block += 1;
             t.used = 0;

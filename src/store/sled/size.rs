@@ -20,9 +20,11 @@ use std::{
     ops::Bound,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc,
     },
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use super::chunks::Stub;
 use crate::{key::StoreKey, store::StoreError};
@@ -152,7 +154,7 @@ impl Size {
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Walk>> {
-        self.counting.lock().unwrap_or_else(|e| e.into_inner())
+        self.counting.lock()
     }
 
     /// Taken by a write around its compare-and-swap: nothing while the count is known; the count's

@@ -5,7 +5,7 @@
 //! claims left by a crash, found without any scan at open). Reads check expiry themselves, so a lapsed
 //! record is never replayed while it waits for the sweeper; the walk only bounds disk use.
 
-use super::{unflushed::lock, Inner};
+use super::Inner;
 use crate::store::{Record, StoreError, StoreKey, SweepStats};
 
 /// Fewest records one sweep looks at: a sweep is a bounded slice of the walk over `records` (about
@@ -36,7 +36,7 @@ impl Inner {
         self.apply()?;
         let now = self.clock.now_ms();
         let mut stats = SweepStats::default();
-        let mut walk = lock(&self.walk).clone();
+        let mut walk = self.walk.lock().clone();
         let from = walk.from.clone();
         let range = self.records.range(from.clone().unwrap_or_default()..);
         let mut next = self.sweep_range(range, now, walk.batch, &mut stats)?;
@@ -54,7 +54,7 @@ impl Inner {
             walk.lap += stats.scanned;
         }
         walk.from = next;
-        *lock(&self.walk) = walk;
+        *self.walk.lock() = walk;
         Ok(stats)
     }
 

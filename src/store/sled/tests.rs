@@ -79,7 +79,7 @@ async fn completed_results_leave_the_unflushed_list() {
             s.complete(&key, token, result, ttl).await.unwrap(),
             Committed::Done
         );
-        assert!(lock(&s.inner().unwrap().unflushed).is_empty());
+        assert!(s.inner().unwrap().unflushed.lock().is_empty());
         assert!(matches!(
             s.claim(&key, fp, Duration::from_secs(30)).await.unwrap(),
             ClaimOutcome::Completed(c) if c.body.as_ref() == b"ok"
@@ -97,16 +97,16 @@ fn unflushed_entries_belong_to_their_writer() {
     a.covered_by(10);
     let b = Unflushed::new(&map, key, 2);
     drop(a);
-    assert_eq!(lock(&map).get(&key), Some(&(2, 0)), "A removed B's entry");
+    assert_eq!(map.lock().get(&key), Some(&(2, 0)), "A removed B's entry");
     b.covered_by(11);
     b.keep();
     assert_eq!(
-        lock(&map).get(&key),
+        map.lock().get(&key),
         Some(&(2, 0)),
         "a failed flush must stay listed"
     );
     remove_if(&map, &key, |e| e == (2, 0));
-    assert!(lock(&map).is_empty());
+    assert!(map.lock().is_empty());
 }
 
 /// Claims a fresh key; its token.
@@ -135,7 +135,7 @@ async fn tokens_grow_across_reopen() {
             assert!(token > last, "token {token} after {last}");
             last = token;
         }
-        lock(&s.inner().unwrap().tokens).used = 1 << TOKEN_BITS; // the next claim takes a new block
+        s.inner().unwrap().tokens.lock().used = 1 << TOKEN_BITS; // the next claim takes a new block
         let token = claimed(&s, [99 - round; 32]).await;
         assert!(token > last, "token {token} of a new block after {last}");
         last = token;

@@ -2,10 +2,9 @@
 //! for the flush that covers its write, so no client is shown a result a crash could take back; every
 //! other record is durable and replays at once.
 
-use std::{
-    collections::HashMap,
-    sync::{Mutex, MutexGuard},
-};
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
 
 /// Results written but not yet known durable: store key → (token of the writer, flush sequence number
 /// that covers the write, 0 while its compare-and-swap is in progress or after its flush failed).
@@ -23,7 +22,7 @@ pub(super) struct Unflushed<'a> {
 
 impl<'a> Unflushed<'a> {
     pub(super) fn new(map: &'a UnflushedMap, key: [u8; 64], token: u64) -> Self {
-        lock(map).insert(key, (token, 0));
+        map.lock().insert(key, (token, 0));
         Self {
             map,
             key,
@@ -33,12 +32,12 @@ impl<'a> Unflushed<'a> {
     }
 
     pub(super) fn covered_by(&self, seq: u64) {
-        lock(self.map).insert(self.key, (self.token, seq));
+        self.map.lock().insert(self.key, (self.token, seq));
     }
 
     /// The flush failed: later replays must wait for one that succeeds (a fresh one, seq 0).
     pub(super) fn keep(mut self) {
-        lock(self.map).insert(self.key, (self.token, 0));
+        self.map.lock().insert(self.key, (self.token, 0));
         self.armed = false;
     }
 }
@@ -53,13 +52,8 @@ impl Drop for Unflushed<'_> {
 
 /// Removes `key` from `map` if its entry passes `mine`.
 pub(super) fn remove_if(map: &UnflushedMap, key: &[u8; 64], mine: impl Fn((u64, u64)) -> bool) {
-    let mut m = lock(map);
+    let mut m = map.lock();
     if m.get(key).is_some_and(|e| mine(*e)) {
         m.remove(key);
     }
-}
-
-/// A poisoned lock is taken as it is: every user of this helper makes single, whole changes.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

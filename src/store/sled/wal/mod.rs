@@ -30,11 +30,13 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Condvar, Mutex, MutexGuard,
+        Arc,
     },
     thread,
     time::{Duration, Instant},
 };
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
@@ -43,7 +45,6 @@ pub(crate) use format::encode as encode_for_tests;
 pub(crate) use format::{entries, Entry};
 pub(crate) use segments::{Found, Pool};
 
-pub(crate) use super::unflushed::lock;
 use crate::store::StoreError;
 
 /// Longest a sync is held back for writers known to be coming.
@@ -106,20 +107,20 @@ pub(crate) struct CheckpointSignal {
 impl CheckpointSignal {
     /// Asks for a checkpoint.
     pub(crate) fn request(&self) {
-        lock(&self.due).0 = true;
+        self.due.lock().0 = true;
         self.wake.notify_one();
     }
 
     /// Asks the checkpoint thread to end.
     pub(crate) fn stop(&self) {
-        lock(&self.due).1 = true;
+        self.due.lock().1 = true;
         self.wake.notify_one();
     }
 
     /// Waits for a request (`Some(true)`), at most `timeout` (`Some(false)`), or the stop (`None`).
     pub(crate) fn wait(&self, timeout: Duration) -> Option<bool> {
         let until = Instant::now() + timeout;
-        let mut due = lock(&self.due);
+        let mut due = self.due.lock();
         loop {
             if due.1 {
                 return None;
@@ -131,11 +132,7 @@ impl CheckpointSignal {
             if left.is_zero() {
                 return Some(false);
             }
-            due = self
-                .wake
-                .wait_timeout(due, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            self.wake.wait_for(&mut due, left);
         }
     }
 }
@@ -221,7 +218,7 @@ impl Wal {
 
     /// Appends `entry` (sled has applied it already); returns its sequence number.
     pub(crate) fn append(&self, entry: &Entry<'_>) -> u64 {
-        let mut p = lock(&self.shared.pending);
+        let mut p = self.shared.pending.lock();
         p.last += 1;
         let seq = p.last;
         if p.bytes.is_empty() {
@@ -233,7 +230,7 @@ impl Wal {
         drop(p);
         if crossed {
             // Not under the pending lock: the writer takes the state lock first.
-            lock(&self.shared.state).full = true;
+            self.shared.state.lock().full = true;
             self.shared.wake.notify_one();
         }
         seq
@@ -241,7 +238,7 @@ impl Wal {
 
     /// The sequence number of the last entry appended.
     pub(crate) fn appended(&self) -> u64 {
-        lock(&self.shared.pending).last
+        self.shared.pending.lock().last
     }
 
     /// Waits until every entry up to `seq` is durable (at once if it already is).
@@ -267,7 +264,7 @@ impl Wal {
         }
         let (tx, rx) = oneshot::channel();
         let wake = {
-            let mut st = lock(&s.state);
+            let mut st = s.state.lock();
             if st.stop {
                 return Err(StoreError::Closed);
             }
@@ -314,7 +311,7 @@ impl Wal {
 
     /// Segments are released up to `cut`: a checkpoint made every entry up to it durable in sled.
     pub(crate) fn checkpointed(&self, cut: u64) {
-        let mut pool = lock(&self.shared.pool);
+        let mut pool = self.shared.pool.lock();
         pool.release_upto(cut);
         if let Err(e) = pool.prepare() {
             tracing::warn!(error = %e, "could not prepare a spare log segment");
@@ -331,15 +328,15 @@ impl Wal {
 
     /// Lets the thread go without waiting for it (it is stuck in a sync that will not return).
     pub(crate) fn detach(&self) {
-        lock(&self.shared.state).stop = true;
-        drop(lock(&self.thread).take());
+        self.shared.state.lock().stop = true;
+        drop(self.thread.lock().take());
     }
 
     /// Stops the thread after a final write and sync, and waits for it.
     pub(crate) fn stop(&self) {
-        lock(&self.shared.state).stop = true;
+        self.shared.state.lock().stop = true;
         self.shared.wake.notify_one();
-        let handle = lock(&self.thread).take();
+        let handle = self.thread.lock().take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -378,16 +375,11 @@ fn run(
     let mut broken: Option<Arc<std::io::Error>> = None;
     loop {
         let stop = {
-            let mut st = lock(&s.state);
+            let mut st = s.state.lock();
             st.listening = true;
             while st.waiters.is_empty() && !st.stop && !st.full {
                 let d = every.unwrap_or(CHECKPOINT_EVERY);
-                let (g, timeout) = s
-                    .wake
-                    .wait_timeout(st, d)
-                    .unwrap_or_else(|e| e.into_inner());
-                st = g;
-                if timeout.timed_out() {
+                if s.wake.wait_for(&mut st, d).timed_out() {
                     break;
                 }
             }
@@ -400,7 +392,7 @@ fn run(
         };
         // Take everything appended so far: it is all in sled already (see the module docs).
         let (first, target) = {
-            let mut p = lock(&s.pending);
+            let mut p = s.pending.lock();
             std::mem::swap(&mut p.bytes, &mut batch);
             (p.first, p.last)
         };
@@ -441,7 +433,7 @@ fn run(
             s.synced.fetch_max(target, Ordering::SeqCst);
         }
         let ready: Vec<Waiter> = {
-            let mut st = lock(&s.state);
+            let mut st = s.state.lock();
             let (ready, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut st.waiters)
                 .into_iter()
                 .partition(|w| w.seq <= target || result.is_err());
@@ -453,7 +445,7 @@ fn run(
             let _ = w.tx.send(result.clone());
         }
         // A checkpoint once a segment is full, and now and then while the log grows.
-        let sealed = lock(&s.pool).sealed();
+        let sealed = s.pool.lock().sealed();
         if sealed > 0
             || (target > checkpointed_upto && last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
         {
@@ -462,8 +454,8 @@ fn run(
             checkpointed_upto = target;
         }
         if stop {
-            let st = lock(&s.state);
-            if st.waiters.is_empty() && lock(&s.pending).bytes.is_empty() {
+            let st = s.state.lock();
+            if st.waiters.is_empty() && s.pending.lock().bytes.is_empty() {
                 return;
             }
         }
@@ -479,7 +471,7 @@ fn write_batch(
     first: u64,
 ) -> std::io::Result<()> {
     if !active.fits(batch.len()) {
-        if let Err(e) = lock(&s.pool).roll(active, first - 1) {
+        if let Err(e) = s.pool.lock().roll(active, first - 1) {
             // Appends go on past the preallocated end; the next checkpoint retries.
             tracing::warn!(error = %e, "could not start a new log segment");
         }
@@ -507,11 +499,7 @@ fn window<'a>(
         };
         // A writer that makes every live claim a waiter wakes us (see `Wal::wait`).
         st.windowed = true;
-        st = s
-            .wake
-            .wait_timeout(st, left)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        s.wake.wait_for(&mut st, left);
     }
 }
 

@@ -11,10 +11,12 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, Weak,
+        Arc, Weak,
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use proptest::{prelude::*, test_runner::TestRunner};
@@ -108,7 +110,7 @@ fn skip_redis() -> bool {
 /// test running meanwhile, killed when the last of them drops it.
 fn shared_redis() -> Arc<RedisServer> {
     static SHARED: Mutex<Weak<RedisServer>> = Mutex::new(Weak::new());
-    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut shared = SHARED.lock();
     if let Some(s) = shared.upgrade() {
         return s;
     }
