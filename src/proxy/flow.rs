@@ -44,7 +44,8 @@ use crate::{
 };
 
 /// How much earlier than the request's own deadline a claimed exchange gives up (see `exchange`).
-const REQUEST_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
+/// (Room for the release's durable sync, also on a loaded disk.)
+const REQUEST_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Marks responses forwarded without protection because the store failed (`on_store_error = "pass"`).
 const DEGRADED: HeaderName = HeaderName::from_static("idempotency-degraded");
@@ -340,7 +341,11 @@ impl Proxy {
                 return Ok(tagged(e.response(), Outcome::Released));
             }
             Err(e) => {
-                progress.set(Phase::Store);
+                // A timeout stays the upstream's fault if the request's own deadline fires while the
+                // key is being released (the release then finishes detached): 504, not 503.
+                if !matches!(e, UpstreamError::Timeout) {
+                    progress.set(Phase::Store);
+                }
                 return self.settle_error(claim, rule, into_proxy_error(e)).await;
             }
         };
