@@ -98,20 +98,16 @@ where
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        let len = match (&mut first, buf.is_empty()) {
-            (slot @ None, true) => {
-                let n = data.len();
-                *slot = Some(data);
-                n
-            }
-            (slot, _) => {
-                if let Some(f) = slot.take() {
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(f) = earlier {
                     buf.extend_from_slice(&f);
                 }
                 buf.extend_from_slice(&data);
-                buf.len()
             }
-        };
+        }
+        let len = first.as_ref().map_or(buf.len(), Bytes::len);
         if len > limit {
             let prefix = first.take().unwrap_or_else(|| buf.split().freeze());
             return Ok(Captured::Over { prefix, rest: body });

@@ -175,3 +175,26 @@ async fn store_files_are_private() {
     assert!(status.success(), "exit: {status}");
     assert_private(&p.data_dir(), "after shutdown");
 }
+
+/// `upstream.url`'s path is a prefix of every forwarded path, keyed or passed through, and the query
+/// goes along as sent.
+#[tokio::test]
+async fn the_upstream_url_path_is_prepended_to_every_request_path() {
+    let up = Upstream::start();
+    let p = Proxy::builder(format!("{}/base", up.url())).start().await;
+    post_key(p.addr, "/pay?x=1", "prefix-1", "body").await;
+    let r = send(p.addr, "GET", "/items/7?y=2", &[], "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen: Vec<(String, Option<String>)> = up
+        .requests()
+        .into_iter()
+        .map(|r| (r.path, r.query))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/base/pay".to_owned(), Some("x=1".to_owned())),
+            ("/base/items/7".to_owned(), Some("y=2".to_owned())),
+        ]
+    );
+}

@@ -17,8 +17,8 @@ pub(super) struct Detachable<F: Future + Send + 'static>
 where
     F::Output: Send,
 {
-    fut: Option<Pin<Box<F>>>,
-    token: Option<TaskTrackerToken>,
+    /// Until it completes: the work, and the token that keeps shutdown waiting for it.
+    running: Option<(Pin<Box<F>>, TaskTrackerToken)>,
 }
 
 impl<F: Future + Send + 'static> Detachable<F>
@@ -27,8 +27,7 @@ where
 {
     pub(super) fn new(tasks: &TaskTracker, fut: F) -> Self {
         Self {
-            fut: Some(Box::pin(fut)),
-            token: Some(tasks.token()),
+            running: Some((Box::pin(fut), tasks.token())),
         }
     }
 }
@@ -40,13 +39,12 @@ where
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let Some(fut) = self.fut.as_mut() else {
+        let Some((fut, _)) = self.running.as_mut() else {
             // Polled after completion: a caller bug; never ready again.
             return Poll::Pending;
         };
         let out = std::task::ready!(fut.as_mut().poll(cx));
-        self.fut = None;
-        self.token = None;
+        self.running = None;
         Poll::Ready(out)
     }
 }
@@ -56,7 +54,7 @@ where
     F::Output: Send,
 {
     fn drop(&mut self) {
-        let (Some(fut), Some(token)) = (self.fut.take(), self.token.take()) else {
+        let Some((fut, token)) = self.running.take() else {
             return;
         };
         // Outside a runtime (it is shutting down) the future is dropped here instead: its guards

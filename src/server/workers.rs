@@ -1,7 +1,7 @@
 //! Thread-per-core serving: one OS thread per core, each running a current-thread tokio runtime. The
 //! accept loop hands each connection to one of them, in turn, and everything that connection does —
 //! hyper, the handler, the upstream client's connections (one pool per thread, see
-//! `proxy::upstream`) — runs on that thread. A request then crosses threads only where it must (the
+//! `upstream`) — runs on that thread. A request then crosses threads only where it must (the
 //! store's syncs), not between work-stealing workers and per-connection tasks on every step, which on
 //! two cores cost a quarter of the CPU in the scheduler (see BENCHMARKS.md).
 

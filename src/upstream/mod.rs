@@ -144,18 +144,30 @@ impl Upstream {
         self.host.clone()
     }
 
-    /// The absolute URI of a request path on the upstream.
+    /// The URI of a request path on the upstream, built once in the form its transport sends: origin
+    /// form (`/path?query`) for our HTTP/1.1 pool, absolute form for hyper-util's client. Without a
+    /// base path, the client's path and query are reused as they are (no copy).
     pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let pq = pq.map_or("/", PathAndQuery::as_str);
-        let full = if self.base_path.is_empty() {
-            pq.to_owned()
-        } else {
-            format!("{}{pq}", self.base_path)
+        let pq = match pq {
+            Some(pq) if self.base_path.is_empty() => pq.clone(),
+            pq => PathAndQuery::try_from(format!(
+                "{}{}",
+                self.base_path,
+                pq.map_or("/", PathAndQuery::as_str)
+            ))?,
         };
+        match self.transport {
+            Transport::Http1(_) => Ok(Uri::from(pq)),
+            Transport::Tls { .. } => self.absolute(pq),
+        }
+    }
+
+    /// `pq` on the upstream, in absolute form.
+    fn absolute(&self, pq: PathAndQuery) -> Result<Uri, http::Error> {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(full)
+            .path_and_query(pq)
             .build()
     }
 
@@ -180,9 +192,16 @@ impl Upstream {
     /// `hyper::upgrade::on`.
     pub async fn send_upgrade(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // hyper-util's client wants the absolute form (`uri_for` gives the pool's origin form).
+        if req.uri().scheme().is_none() {
+            let pq = req.uri().path_and_query().cloned();
+            *req.uri_mut() = self
+                .absolute(pq.unwrap_or_else(|| PathAndQuery::from_static("/")))
+                .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        }
         self.send_on(&self.upgrade_client, req, timeout).await
     }
 
@@ -191,19 +210,13 @@ impl Upstream {
     async fn send_pooled(
         &self,
         pool: &Arc<pool::Pool>,
-        req: Request<Body>,
+        mut req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let now = Instant::now();
         let deadline = now + timeout;
         let first = self.connect_timeout.min(timeout);
-        // Origin form on the wire; `Host` is set by the caller.
-        let (mut parts, body) = req.into_parts();
-        let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.scheme = None;
-        uri.authority = None;
-        parts.uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-        let mut req = Request::from_parts(parts, body);
+        // The URI is in origin form already (`uri_for`); `Host` is set by the caller.
         loop {
             let (mut sender, reused) = match pool.checkout() {
                 Some(s) => (s, true),

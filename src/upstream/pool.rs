@@ -92,18 +92,11 @@ impl Pool {
     /// The newest idle connection of this thread that is still open.
     pub(super) fn checkout(self: &Arc<Self>) -> Option<SendRequest<Body>> {
         let mut idle = self.local().idle.borrow_mut();
-        let now = Instant::now();
-        while let Some(c) = idle.pop_back() {
-            if now.duration_since(c.since) >= IDLE_TIMEOUT {
-                // The rest are older still.
-                idle.clear();
-                return None;
-            }
-            if !c.sender.is_closed() {
-                return Some(c.sender);
-            }
-        }
-        None
+        // Oldest first: once the lapsed ones are off the front, the rest are young enough.
+        ThreadPool::prune(&mut idle, Instant::now());
+        std::iter::from_fn(|| idle.pop_back())
+            .find(|c| !c.sender.is_closed())
+            .map(|c| c.sender)
     }
 
     /// Keeps a connection whose exchange is over for the next request of this thread.
@@ -154,7 +147,7 @@ impl Pool {
             inner,
             back: Some((sender, Arc::clone(self))),
         };
-        b.check_end();
+        b.check_end(false);
         b
     }
 }
@@ -194,8 +187,9 @@ impl ResponseBody {
         Self { inner, back: None }
     }
 
-    fn check_end(&mut self) {
-        if self.inner.is_end_stream() {
+    /// Gives the connection back once the body has ended (by its length, or its last frame).
+    fn check_end(&mut self, ended: bool) {
+        if ended || self.inner.is_end_stream() {
             if let Some((sender, pool)) = self.back.take() {
                 pool.checkin(sender);
             }
@@ -213,14 +207,10 @@ impl HttpBody for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => {
-                if let Some((sender, pool)) = self.back.take() {
-                    pool.checkin(sender);
-                }
-            }
+            Poll::Ready(None) => self.check_end(true),
             // A broken body: its connection is not reused.
             Poll::Ready(Some(Err(_))) => self.back = None,
-            Poll::Ready(Some(Ok(_))) => self.check_end(),
+            Poll::Ready(Some(Ok(_))) => self.check_end(false),
             Poll::Pending => {}
         }
         polled
