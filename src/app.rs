@@ -71,7 +71,8 @@ pub struct ProxyHandler(pub Arc<Proxy>);
 
 impl Handler for ProxyHandler {
     fn call(&self, req: http::Request<hyper::body::Incoming>, peer: SocketAddr) -> ResponseFuture {
-        Box::pin(Arc::clone(&self.0).handle(req, peer))
+        let proxy = Arc::clone(&self.0);
+        Box::pin(async move { proxy.handle(req, peer).await.0 })
     }
 }
 

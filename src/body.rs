@@ -10,13 +10,24 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
-use hyper::body::Incoming;
 
 /// Boxed error of a body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every request and response the proxy builds.
 pub type Body = BoxBody<Bytes, BoxError>;
+
+/// What a client's request body may be: hyper's `Incoming` from the listeners, any body (a full one,
+/// a channel) when the pipeline is driven in-process.
+pub trait RequestBody:
+    HttpBody<Data = Bytes, Error: Into<BoxError>> + Send + Sync + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: HttpBody<Data = Bytes, Error: Into<BoxError>> + Send + Sync + Unpin + 'static
+{
+}
 
 /// A body of known bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -52,7 +63,7 @@ pub enum BufferError {
 /// reading anything (so a client that sent `Expect: 100-continue` is not invited to upload).
 pub async fn buffer_request(
     headers: &HeaderMap,
-    body: Incoming,
+    body: impl RequestBody,
     limit: u64,
 ) -> Result<Bytes, BufferError> {
     let declared = headers

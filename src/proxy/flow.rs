@@ -1,75 +1,87 @@
-//! The phases of a request, in order:
+//! The pipeline, one function per phase, in the order a request goes through them:
 //!
-//! 0. (`Proxy::handle`) The path is normalized (400 `invalid-path` if it cannot be) and the route
-//!    selected on it; the whole request is bounded by `request_timeout`, and [`Progress`] tells whose
-//!    fault a timeout is: 408 body, 503 store, 409 waiting, 504 upstream.
-//! 1. `handle_inner`: methods or routes not under rules → `Live::pass_through` (streamed, nothing stored;
-//!    an `Upgrade` request becomes a tunnel, see `upgrade`). An `Upgrade` request under rules → 400.
-//! 2. Buffer the body (413 over `max_request_body`), derive the key (scoped by headers and cookies) and
-//!    the fingerprint (over the normalized path).
-//! 3. `claim_and_forward`: claim the store key. Claimed → 4; completed → replay (or 422); in flight →
-//!    409, or wait and claim again (or 422); store full → 503 `store-full`.
-//! 4. `forward_claimed`: the upstream exchange and the recording run inline, and move to a task of
-//!    their own if the client disconnects first (see `detach`), so they finish either way; the
-//!    response goes back only after its record is durable. Every upstream exchange holds one of
-//!    `max_concurrency` slots (none free: the key is freed, 503 `upstream-busy`).
-//! 5. `exchange` / `settle_error`: release the key (release status, or nothing was sent) or record the
-//!    result; a result the store cannot make durable is not passed on (503).
+//! 1. [`Proxy::handle`] **select route**: the path is normalized (400 `invalid-path` if it cannot be)
+//!    and the route selected on it (rule 13). The rest is bounded by `request_timeout`, and
+//!    [`Progress`] tells whose fault a timeout is: 408 body, 503 store, 409 waiting, 504 upstream.
+//! 2. [`Proxy::run`]: methods or routes not under rules → `Live::pass_through` (streamed, nothing
+//!    stored; an `Upgrade` request becomes a tunnel). An `Upgrade` request under rules → 400.
+//! 3. **read body** ([`read_body`], 413 over `max_request_body`) and **derive key**
+//!    (`derive::derive_key`: the store key, scoped by headers and cookies, and the fingerprint).
+//! 4. [`Proxy::claim`]: claimed → 5; completed → replay (or 422); in flight → 409, or wait and claim
+//!    again (or 422); store full → 503 `store-full`; store failed → 503 or forwarded unprotected.
+//! 5. [`Proxy::forward`]: the upstream exchange, holding one of `max_concurrency` slots (none free:
+//!    the key is freed, 503 `upstream-busy`); a release status, a failure or a timeout settles the
+//!    claim here ([`Proxy::settle_error`]).
+//! 6. [`Proxy::record`]: the result, durable before the client sees a byte; a result the store cannot
+//!    make durable is not passed on (503).
+//! 7. [`respond`]: the recorded response goes back; an error becomes problem+json; the outcome is
+//!    counted and set on the request's span.
 //!
-//! Every successful response is tagged with its metrics [`Outcome`]; `Proxy::handle` counts it.
+//! Phases 5–7 run inline and move to a task of their own if the client disconnects first (see
+//! `detach`), so a claimed exchange is forwarded and recorded either way.
+//!
+//! Each request runs in one `request` span carrying its method, route, outcome and redacted key;
+//! log lines inside it carry those fields.
 
-use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{header, request::Parts, HeaderName, HeaderValue, Request, Response};
-use hyper::body::Incoming;
+use http::{header, request::Parts, HeaderValue, Request, Response};
+use tracing::{field::Empty, Instrument};
 
 use super::{
+    derive::{derive_key, Derived, Keyed},
     detach::Detachable,
     error::ProxyError,
-    forward::{into_proxy_error, upstream_request, upstream_response},
+    forward::into_proxy_error,
     headers::{recordable, strip_hop_by_hop},
+    limit::Slot,
     progress::{Phase, Progress},
     replay::replay,
     rules::RouteRules,
-    shared_replays, tagged, upgrade, Live, Proxy,
+    shared_replays, upgrade, Answer, Live, Proxy,
 };
-use crate::body::{buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed};
-use crate::upstream::UpstreamError;
+use crate::body::{
+    buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed, RequestBody,
+};
+use crate::upstream::{ResponseBody, UpstreamError};
 use crate::{
-    config::{FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode},
-    key::{fingerprint, json_pointer_key, path::key_form, Fingerprint, IdempotencyKey, StoreKey},
+    config::{InFlightMode, Rule},
+    key::StoreKey,
     metrics::{InflightGuard, Outcome},
     store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
 };
 
-/// How much earlier than the request's own deadline a claimed exchange gives up (see `exchange`).
+/// How much earlier than the request's own deadline a claimed exchange gives up (see `forward`).
 /// (Room for the release's durable sync, also on a loaded disk.)
 const REQUEST_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Marks responses forwarded without protection because the store failed (`on_store_error = "pass"`).
-const DEGRADED: HeaderName = HeaderName::from_static("idempotency-degraded");
-
-/// A request under rules, with its key derived, before the claim.
-struct Pending {
-    key: StoreKey,
-    redacted: String,
-    fp: Fingerprint,
-    parts: Parts,
-    body: Bytes,
-    peer: SocketAddr,
+/// What the claim phase decided.
+enum Claimed {
+    /// The key is ours: forward.
+    Ours(Claim),
+    /// Answered from the store (a replay).
+    Answered(Answer),
+    /// The store failed before anything was claimed.
+    StoreFailed(StoreError),
 }
 
 /// A claimed key on its way through the upstream.
 struct Claim {
-    route: Arc<str>,
-    /// The route's upstream-duration histogram.
-    upstream_duration: metrics::Histogram,
     key: StoreKey,
     token: u64,
-    redacted: String,
+    /// The route's upstream-duration histogram.
+    upstream_duration: metrics::Histogram,
     /// Where the request stands (its client's timeout reads it).
     progress: Progress,
+}
+
+/// What the forward phase got: a response to record, or an answer that settled the claim already.
+enum Forwarded {
+    /// The upstream's head and its body as read for the record, with the slot its rest may still need.
+    Captured(http::response::Parts, Captured<ResponseBody>, Slot),
+    /// Released or recorded as an error: the answer.
+    Settled(Answer),
 }
 
 /// Abandons a claim whose task ended without completing or releasing it (a panic): the lease then
@@ -89,16 +101,51 @@ impl Drop for AbandonGuard {
 }
 
 impl Proxy {
-    /// Phases 1 and 2.
-    pub(super) async fn handle_inner(
+    /// Answers one request, and says how it was answered. Never fails: errors become problem+json.
+    pub async fn handle<B: RequestBody>(
+        self: Arc<Self>,
+        req: Request<B>,
+        peer: SocketAddr,
+    ) -> Answer {
+        let _inflight = InflightGuard::request();
+        let live = self.live.load_full();
+        let span = tracing::info_span!("request", method = %req.method(), route = Empty, outcome = Empty, key = Empty);
+        // Kept for the error log; a `Uri` clone shares its bytes (no copy).
+        let uri = req.uri().clone();
+        // Phase 1: select the route on the normalized path; the upstream gets the path as sent.
+        let selected = crate::key::path::normalize(uri.path())
+            .and_then(|normal| Ok((live.rules.select(&normal, req.method())?, normal)));
+        let (route, normal) = match selected {
+            Ok(s) => s,
+            Err(e) => {
+                let e = ProxyError::from(e);
+                let route = live.rules.default_route();
+                return respond(Err(e), route, &span, uri.path());
+            }
+        };
+        span.record("route", &*route.name);
+        let limit = live.limits.request_timeout;
+        let progress = Progress::new(tokio::time::Instant::now() + limit);
+        let run = self.run(&live, route, req, &normal, peer, &progress);
+        let result = match tokio::time::timeout(limit, run.instrument(span.clone())).await {
+            Ok(r) => r,
+            // Whose fault the timeout is depends on where the request was (rule 15).
+            Err(_) => Err(progress.timed_out(limit)),
+        };
+        respond(result, route, &span, uri.path())
+    }
+
+    /// Phases 2–7 for a request on `route`.
+    async fn run<B: RequestBody>(
         self: &Arc<Self>,
         live: &Arc<Live>,
         route: &RouteRules,
-        req: Request<Incoming>,
+        req: Request<B>,
         normal_path: &str,
         peer: SocketAddr,
         progress: &Progress,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Answer, ProxyError> {
+        // Phase 2: under rules? Anything else streams through untouched.
         let rule = &route.rule;
         if !rule.enabled || !rule.methods.contains(req.method()) {
             return live.pass_through(req, peer, progress).await;
@@ -109,95 +156,59 @@ impl Proxy {
                 method: req.method().clone(),
             });
         }
-        let (parts, body) = req.into_parts();
-        let limit = live.limits.max_request_body;
-        let body = match buffer_request(&parts.headers, body, limit).await {
-            Ok(b) => b,
-            Err(BufferError::TooLarge) => return Err(ProxyError::BodyTooLarge { limit }),
-            Err(BufferError::Read(e)) => return Err(ProxyError::BadRequestBody(e)),
-        };
+        // Phase 3: read the body, derive the key and the fingerprint.
+        let (parts, body) = read_body(live, req).await?;
         progress.set(Phase::Store);
-        // The fingerprint sees the normalized path, and the query as sent. With `key = "fingerprint"`
-        // the fingerprint *is* the key, so it sees the path as route matching does (case, a trailing
-        // `/`, `%2F`, `;params` and an empty query folded): a spelling that reaches the same route
-        // reaches the same key, and never runs twice.
-        let pq = if rule.key == KeySource::Fingerprint {
-            let p = key_form(normal_path);
-            match parts.uri.query().filter(|q| !q.is_empty()) {
-                None => Cow::Owned(p),
-                Some(q) => Cow::Owned(format!("{p}?{q}")),
-            }
-        } else {
-            match parts.uri.query() {
-                None => Cow::Borrowed(normal_path),
-                Some(q) => Cow::Owned(format!("{normal_path}?{q}")),
+        let req = match derive_key(route, parts, body, normal_path)? {
+            Derived::Keyed(k) => k,
+            Derived::Unkeyed(parts, body) => {
+                progress.set(Phase::Upstream);
+                return live.forward_unprotected(parts, body, peer, false).await;
             }
         };
-        let fp_of = |mode| {
-            fingerprint(
-                mode,
-                &parts.method,
-                &pq,
-                &rule.fingerprint_headers,
-                &parts.headers,
-                &body,
-            )
-        };
-        // With `key = "fingerprint"` the key's hash is usually the fingerprint too: hash once.
-        let mut key_fp = None;
-        let client_key = match &rule.key {
-            KeySource::Header => IdempotencyKey::from_headers(&parts.headers, &rule.header)?,
-            KeySource::Json(ptr) => json_pointer_key(&body, ptr)?
-                .map(|k| IdempotencyKey::new(&k))
-                .transpose()?,
-            KeySource::Fingerprint => {
-                // The key is the request itself; with `fingerprint = "none"` the raw request is hashed.
-                let whole = fp_of(match rule.fingerprint {
-                    FingerprintMode::None => FingerprintMode::Raw,
-                    m => m,
-                });
-                if rule.fingerprint != FingerprintMode::None {
-                    key_fp = Some(whole);
-                }
-                Some(IdempotencyKey::new(&whole.to_hex())?)
+        tracing::Span::current().record("key", req.redacted.as_str());
+        // Phase 4: claim the key.
+        let claim = match self.claim(route, &req, progress).await? {
+            Claimed::Ours(c) => c,
+            Claimed::Answered(a) => return Ok(a),
+            Claimed::StoreFailed(e) => {
+                progress.set(Phase::Upstream);
+                return live.store_failed(e, rule, req.parts, req.body, peer).await;
             }
         };
-        let Some(client_key) = client_key else {
-            if rule.required {
-                return Err(ProxyError::MissingKey);
-            }
-            // Optional key absent: forwarded as is, every time (nothing to fingerprint).
-            progress.set(Phase::Upstream);
-            return live.forward_unprotected(parts, body, peer, false).await;
+        // Phases 5–7: forward, record, respond — finished even if the client goes away.
+        progress.set(Phase::Upstream);
+        let this = Arc::clone(self);
+        let live = Arc::clone(live);
+        let rule = rule.clone();
+        let work = async move {
+            let mut guard = AbandonGuard {
+                store: Arc::clone(&this.store),
+                token: claim.token,
+                armed: true,
+            };
+            let answer = match this.forward(&live, &claim, &rule, req, peer).await {
+                Ok(Forwarded::Captured(head, captured, slot)) => this
+                    .record(&claim, &rule, &head, &captured)
+                    .await
+                    .map(|()| (respond_recorded(head, captured, slot), Outcome::Forwarded)),
+                Ok(Forwarded::Settled(a)) => Ok(a),
+                Err(e) => Err(e),
+            };
+            guard.armed = false;
+            answer
         };
-        // Hashed only once a key is known (the body may be up to `max_request_body`).
-        let fp = key_fp.unwrap_or_else(|| fp_of(rule.fingerprint));
-        let pending = Pending {
-            key: StoreKey::derive_scoped(
-                &route.name,
-                &client_key,
-                &rule.scope_headers,
-                &rule.scope_cookies,
-                &parts.headers,
-            ),
-            redacted: client_key.redacted().to_owned(),
-            fp,
-            parts,
-            body,
-            peer,
-        };
-        self.claim_and_forward(live, route, pending, progress).await
+        Detachable::new(&self.tasks, work.in_current_span()).await
     }
 
-    /// Phase 3: claim the key, and act on what the store says. In wait mode, loops until the first
+    /// Phase 4: claim the key, and act on what the store says. In wait mode, loops until the first
     /// request finishes (replay), is released (claim it ourselves) or `wait_timeout` passes (409).
-    async fn claim_and_forward(
-        self: &Arc<Self>,
-        live: &Arc<Live>,
+    async fn claim(
+        &self,
         route: &RouteRules,
-        req: Pending,
+        req: &Keyed,
         progress: &Progress,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Claimed, ProxyError> {
         let rule = &route.rule;
         let give_up = tokio::time::Instant::now() + rule.wait_timeout;
         let mut waiting = None;
@@ -208,41 +219,26 @@ impl Proxy {
             let outcome = match self.store.claim(&req.key, req.fp, rule.lease).await {
                 Ok(o) => o,
                 Err(StoreError::Full(_)) => return Err(ProxyError::StoreFull),
-                Err(e) => {
-                    progress.set(Phase::Upstream);
-                    return live
-                        .store_failed(e, rule, req.parts, req.body, req.peer)
-                        .await;
-                }
+                Err(e) => return Ok(Claimed::StoreFailed(e)),
             };
             match outcome {
                 ClaimOutcome::Claimed { token } => {
-                    tracing::debug!(route = %route.name, key = %req.redacted, token, "claimed");
-                    let claim = Claim {
-                        route: Arc::clone(&route.name),
-                        upstream_duration: route.counters.upstream_duration(),
+                    tracing::debug!(token, "claimed");
+                    return Ok(Claimed::Ours(Claim {
                         key: req.key,
                         token,
-                        redacted: req.redacted,
+                        upstream_duration: route.counters.upstream_duration(),
                         progress: progress.clone(),
-                    };
-                    progress.set(Phase::Upstream);
-                    return self
-                        .forward_claimed(live, claim, rule.clone(), (req.parts, req.body, req.peer))
-                        .await;
+                    }));
                 }
                 ClaimOutcome::Completed(rec) => {
                     if !rec.fingerprint.matches(&req.fp) {
                         return Err(ProxyError::FingerprintMismatch);
                     }
-                    tracing::debug!(route = %route.name, key = %req.redacted, "replayed");
-                    return Ok(tagged(
-                        replay(
-                            &shared_replays::share(&self.replays, &req.key, rec),
-                            rule.duplicate_status,
-                        ),
-                        Outcome::Replayed,
-                    ));
+                    tracing::debug!("replayed");
+                    let rec = shared_replays::share(&self.replays, &req.key, rec);
+                    let resp = replay(&rec, rule.duplicate_status);
+                    return Ok(Claimed::Answered((resp, Outcome::Replayed)));
                 }
                 ClaimOutcome::InFlight {
                     fingerprint,
@@ -272,40 +268,16 @@ impl Proxy {
         }
     }
 
-    /// Phase 4: exchange and record, inline; if the client goes away first (or the request's
-    /// deadline fires), the rest runs detached, so the result is recorded either way.
-    async fn forward_claimed(
-        self: &Arc<Self>,
-        live: &Arc<Live>,
-        claim: Claim,
-        rule: Rule,
-        (parts, body, peer): (Parts, Bytes, SocketAddr),
-    ) -> Result<Response<Body>, ProxyError> {
-        let this = Arc::clone(self);
-        let live = Arc::clone(live);
-        Detachable::new(&self.tasks, async move {
-            let mut guard = AbandonGuard {
-                store: Arc::clone(&this.store),
-                token: claim.token,
-                armed: true,
-            };
-            let resp = this.exchange(&live, &claim, &rule, parts, body, peer).await;
-            guard.armed = false;
-            resp
-        })
-        .await
-    }
-
-    /// Phase 5: sends the claimed request and settles the claim from the outcome.
-    async fn exchange(
+    /// Phase 5: sends the claimed request, and reads the response for the record. A release status,
+    /// an upstream failure or a timeout settles the claim here.
+    async fn forward(
         &self,
         live: &Live,
         claim: &Claim,
         rule: &Rule,
-        mut parts: Parts,
-        body: Bytes,
+        req: Keyed,
         peer: SocketAddr,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Forwarded, ProxyError> {
         let progress = &claim.progress;
         let slot = match live.limit.try_take() {
             Ok(s) => s,
@@ -315,30 +287,21 @@ impl Proxy {
                 return Err(e);
             }
         };
-        if let Err(e) = upstream_request(live, &mut parts, peer) {
-            self.release(claim).await;
-            return Err(e);
-        }
         let started = Instant::now();
         // Bounded by what is left of `request_timeout` too (a little less, so this exchange times out,
         // frees the key and answers 504 before the request as a whole gives up): a client told 504
         // must find its key free, not held by an exchange that goes on and records its result later.
         let budget = live
-            .upstream
-            .timeout
+            .upstream_timeout
             .min(progress.left().saturating_sub(REQUEST_MARGIN));
-        let sent = live
-            .upstream
-            .send(Request::from_parts(parts, full(body)), budget)
-            .await;
-        let resp = match sent {
+        let resp = match live.send(req.parts, full(req.body), peer, budget).await {
             Ok(r) => r,
             Err(UpstreamError::Connect(e)) => {
                 // Nothing was sent: always free the key.
                 self.release(claim).await;
                 let e = ProxyError::UpstreamUnreachable(e);
-                tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream unreachable; key released");
-                return Ok(tagged(e.response(), Outcome::Released));
+                tracing::warn!(error = ?e, "upstream unreachable; key released");
+                return Ok(Forwarded::Settled((e.response(), Outcome::Released)));
             }
             Err(e) => {
                 // A timeout stays the upstream's fault if the request's own deadline fires while the
@@ -356,11 +319,9 @@ impl Proxy {
                 .upstream_duration
                 .record(started.elapsed().as_secs_f64());
             self.release(claim).await;
-            tracing::debug!(route = %claim.route, key = %claim.redacted, status = head.status.as_u16(), "released on status");
-            return Ok(tagged(
-                Response::from_parts(head, slot.hold(stream(upstream_body))),
-                Outcome::Released,
-            ));
+            tracing::debug!(status = head.status.as_u16(), "released on status");
+            let resp = Response::from_parts(head, slot.hold(stream(upstream_body)));
+            return Ok(Forwarded::Settled((resp, Outcome::Released)));
         }
         let left = budget.saturating_sub(started.elapsed());
         let captured =
@@ -369,52 +330,17 @@ impl Proxy {
             .upstream_duration
             .record(started.elapsed().as_secs_f64());
         progress.set(Phase::Store);
-        let captured = match captured {
+        match captured {
             Err(_) => {
-                return self
-                    .settle_error(claim, rule, ProxyError::UpstreamTimeout)
+                self.settle_error(claim, rule, ProxyError::UpstreamTimeout)
                     .await
             }
             Ok(Err(e)) => {
-                return self
-                    .settle_error(claim, rule, ProxyError::UpstreamFailed(Box::new(e)))
-                    .await
+                let e = ProxyError::UpstreamFailed(e);
+                self.settle_error(claim, rule, e).await
             }
-            Ok(Ok(c)) => c,
-        };
-        let result = if !rule.store_response {
-            NewResult {
-                status: head.status.as_u16(),
-                headers: Vec::new(),
-                body: Bytes::new(),
-                body_omitted: false,
-                seen_only: true,
-            }
-        } else {
-            let (body, body_omitted) = match &captured {
-                Captured::Full(b) => (b.clone(), false),
-                Captured::Over { .. } => (Bytes::new(), true),
-            };
-            NewResult {
-                status: head.status.as_u16(),
-                headers: recordable(&head.headers),
-                body,
-                body_omitted,
-                seen_only: false,
-            }
-        };
-        // Durable before the client sees a byte: a crash after this point replays, never re-executes.
-        self.record(claim, rule, result).await?;
-        let body = match captured {
-            Captured::Full(b) => {
-                drop(slot);
-                head.headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
-                full(b)
-            }
-            Captured::Over { prefix, rest } => slot.hold(Prefixed::boxed_body(prefix, rest)),
-        };
-        Ok(tagged(Response::from_parts(head, body), Outcome::Forwarded))
+            Ok(Ok(c)) => Ok(Forwarded::Captured(head, c, slot)),
+        }
     }
 
     /// A failure after the request may have reached the upstream: release if its status is listed in
@@ -424,15 +350,17 @@ impl Proxy {
         claim: &Claim,
         rule: &Rule,
         e: ProxyError,
-    ) -> Result<Response<Body>, ProxyError> {
-        let outcome = match e {
-            ProxyError::UpstreamTimeout => Outcome::UpstreamTimeout,
-            _ => Outcome::Released,
-        };
+    ) -> Result<Forwarded, ProxyError> {
+        let timed_out = matches!(e, ProxyError::UpstreamTimeout);
         if rule.release_statuses.contains(&e.status()) {
             self.release(claim).await;
-            tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; key released");
-            return Ok(tagged(e.response(), outcome));
+            tracing::warn!(error = ?e, "upstream failed; key released");
+            let outcome = if timed_out {
+                Outcome::UpstreamTimeout
+            } else {
+                Outcome::Released
+            };
+            return Ok(Forwarded::Settled((e.response(), outcome)));
         }
         let resp = e.response();
         let result = NewResult {
@@ -442,20 +370,54 @@ impl Proxy {
             body_omitted: false,
             seen_only: !rule.store_response,
         };
-        tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; recorded as the result");
-        self.record(claim, rule, result).await?;
-        Ok(tagged(
-            resp,
-            match outcome {
-                Outcome::UpstreamTimeout => outcome,
-                _ => Outcome::Forwarded,
-            },
-        ))
+        tracing::warn!(error = ?e, "upstream failed; recorded as the result");
+        self.commit(claim, rule, result).await?;
+        let outcome = if timed_out {
+            Outcome::UpstreamTimeout
+        } else {
+            Outcome::Forwarded
+        };
+        Ok(Forwarded::Settled((resp, outcome)))
     }
 
-    /// Records the result of a claim. A result the store cannot make durable is not acknowledged:
-    /// the client gets 503 `store-unavailable` instead of the upstream's answer (contract rule 14).
+    /// Phase 6: records the upstream's answer as the key's result (its status alone with
+    /// `store_response = false`; without its body when that was over `max_response_body`).
     async fn record(
+        &self,
+        claim: &Claim,
+        rule: &Rule,
+        head: &http::response::Parts,
+        captured: &Captured<ResponseBody>,
+    ) -> Result<(), ProxyError> {
+        let status = head.status.as_u16();
+        let result = if !rule.store_response {
+            NewResult {
+                status,
+                headers: Vec::new(),
+                body: Bytes::new(),
+                body_omitted: false,
+                seen_only: true,
+            }
+        } else {
+            let (body, body_omitted) = match captured {
+                Captured::Full(b) => (b.clone(), false),
+                Captured::Over { .. } => (Bytes::new(), true),
+            };
+            NewResult {
+                status,
+                headers: recordable(&head.headers),
+                body,
+                body_omitted,
+                seen_only: false,
+            }
+        };
+        // Durable before the client sees a byte: a crash after this point replays, never re-executes.
+        self.commit(claim, rule, result).await
+    }
+
+    /// Completes a claim with its result. A result the store cannot make durable is not acknowledged:
+    /// the client gets 503 `store-unavailable` instead of the upstream's answer (contract rule 14).
+    async fn commit(
         &self,
         claim: &Claim,
         rule: &Rule,
@@ -467,12 +429,11 @@ impl Proxy {
             .await
         {
             Ok(Committed::Done) => {
-                tracing::debug!(route = %claim.route, key = %claim.redacted, "recorded");
+                tracing::debug!("recorded");
                 Ok(())
             }
             Ok(Committed::Stale) => {
                 tracing::warn!(
-                    route = %claim.route, key = %claim.redacted,
                     "claim was taken over or purged while in flight; result not recorded"
                 );
                 Ok(())
@@ -482,94 +443,81 @@ impl Proxy {
             // to its lease (a retry within it gets 409, after it the request may run again): the store
             // could not say what it holds, and releasing at once would invite an immediate duplicate.
             Err(e) => {
-                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result; answering 503, the key frees when its lease ends");
+                tracing::error!(error = %e, "could not record the result; answering 503, the key frees when its lease ends");
                 self.store.abandon(claim.token);
                 Err(ProxyError::StoreUnavailable(e))
             }
         }
     }
 
+    /// Frees a claimed key (nothing was sent, or the answer is not to be kept).
     async fn release(&self, claim: &Claim) {
         if let Err(e) = self.store.release(&claim.key, claim.token).await {
-            tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not release the key; it frees when its lease ends");
+            tracing::error!(error = %e, "could not release the key; it frees when its lease ends");
             self.store.abandon(claim.token);
         }
     }
 }
 
-impl Live {
-    /// The store failed before anything was claimed: refuse (503) or forward unprotected.
-    async fn store_failed(
-        &self,
-        e: StoreError,
-        rule: &Rule,
-        parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
-    ) -> Result<Response<Body>, ProxyError> {
-        match rule.on_store_error {
-            StoreErrorMode::Reject => Err(ProxyError::StoreUnavailable(e)),
-            StoreErrorMode::Pass => {
-                tracing::warn!(error = %e, "store failed; forwarding without idempotency protection");
-                self.forward_unprotected(parts, body, peer, true).await
-            }
-        }
+/// Phase 3a: buffers the body of a request under rules (413 over `max_request_body`).
+async fn read_body<B: RequestBody>(
+    live: &Live,
+    req: Request<B>,
+) -> Result<(Parts, Bytes), ProxyError> {
+    let (parts, body) = req.into_parts();
+    let limit = live.limits.max_request_body;
+    match buffer_request(&parts.headers, body, limit).await {
+        Ok(b) => Ok((parts, b)),
+        Err(BufferError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
+        Err(BufferError::Read(e)) => Err(ProxyError::BadRequestBody(e)),
     }
+}
 
-    /// Forwards a buffered request without a claim (no key on an optional route, or degraded mode).
-    async fn forward_unprotected(
-        &self,
-        mut parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
-        degraded: bool,
-    ) -> Result<Response<Body>, ProxyError> {
-        let slot = self.limit.try_take()?;
-        upstream_request(self, &mut parts, peer)?;
-        let resp = self
-            .upstream
-            .send(
-                Request::from_parts(parts, full(body)),
-                self.upstream.timeout,
-            )
-            .await
-            .map_err(into_proxy_error)?;
-        let mut resp = upstream_response(resp, slot);
-        if degraded {
-            resp.headers_mut()
-                .insert(DEGRADED, HeaderValue::from_static("true"));
+/// Phase 7 for a recorded answer: the upstream's response, sent only now that its record is durable.
+/// A body over `max_response_body` streams on from where the record stopped, holding the slot.
+fn respond_recorded(
+    mut head: http::response::Parts,
+    captured: Captured<ResponseBody>,
+    slot: Slot,
+) -> Response<Body> {
+    let body = match captured {
+        Captured::Full(b) => {
+            drop(slot);
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            full(b)
         }
-        Ok(resp)
-    }
+        Captured::Over { prefix, rest } => slot.hold(Prefixed::boxed_body(prefix, rest)),
+    };
+    Response::from_parts(head, body)
+}
 
-    /// Pass-through: body streamed both ways, no limit, nothing stored.
-    pub(super) async fn pass_through(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        progress: &Progress,
-    ) -> Result<Response<Body>, ProxyError> {
-        if let Some(protocol) = upgrade::requested(req.headers()) {
-            progress.set(Phase::Upstream);
-            return self.tunnel(req, peer, protocol).await;
-        }
-        let slot = self.limit.try_take()?;
-        let (mut parts, body) = req.into_parts();
-        upstream_request(self, &mut parts, peer)?;
-        let resp = self
-            .upstream
-            .send(
-                Request::from_parts(parts, progress.stream_request(body)),
-                self.upstream.timeout,
-            )
-            .await;
-        match resp {
-            Ok(resp) => Ok(upstream_response(resp, slot)),
-            // The upstream waited for a body the client never finished sending: the client's doing.
-            Err(UpstreamError::Timeout) if progress.get() == Phase::Body => {
-                Err(ProxyError::RequestTimeout(self.upstream.timeout))
+/// Phase 7: the answer, or the error as problem+json (logged once, here); counted under the route and
+/// set on the request's span.
+fn respond(
+    result: Result<Answer, ProxyError>,
+    route: &RouteRules,
+    span: &tracing::Span,
+    path: &str,
+) -> Answer {
+    let (resp, outcome) = match result {
+        Ok(answer) => answer,
+        Err(e) => {
+            let _entered = span.enter();
+            if e.is_client_error() {
+                tracing::debug!(
+                    path,
+                    status = e.status().as_u16(),
+                    code = e.code(),
+                    "refused: {e}"
+                );
+            } else {
+                tracing::warn!(path, status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
             }
-            Err(e) => Err(into_proxy_error(e)),
+            (e.response(), e.outcome())
         }
-    }
+    };
+    span.record("outcome", outcome.as_str());
+    route.counters.count(outcome);
+    (resp, outcome)
 }

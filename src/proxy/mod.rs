@@ -1,11 +1,13 @@
-//! The request pipeline. [`Proxy::handle`] takes any request and always answers: pass-through traffic is
-//! streamed to the upstream untouched; requests under idempotency rules go through the phases in
-//! `flow`: select route → buffer body → derive key → claim → forward → record → respond.
+//! The request pipeline. [`Proxy::handle`] takes any request and always answers, with the response and
+//! its [`Outcome`]: pass-through traffic is streamed to the upstream untouched; requests under
+//! idempotency rules go through the phases in `flow`, one function each: select route → read body →
+//! derive key → claim → forward → record → respond.
 //!
-//! The proxy holds an `Arc<dyn Store>` and an [`upstream::Upstream`]; it never sees sockets, TLS, sled or
-//! Redis types. What a config reload may change (routes, rules, upstream, limits) lives in one [`Live`]
-//! value swapped atomically: a request keeps the `Live` it started with.
-
+//! The proxy holds an `Arc<dyn Store>` and an `Arc<dyn` [`Forward`]`>`; it never sees sockets, TLS,
+//! sled or Redis types, so tests drive the whole pipeline in-process with the memory store and a
+//! scripted upstream. What a config reload may change (routes, rules, upstream, limits) lives in one
+//! [`Live`] value swapped atomically: a request keeps the `Live` it started with.
+mod derive;
 mod detach;
 pub mod error;
 mod flow;
@@ -18,24 +20,28 @@ pub mod rules;
 mod shared_replays;
 mod upgrade;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Response;
 use tokio_util::task::TaskTracker;
 
 pub use error::ProxyError;
 
-use progress::Progress;
-
 use crate::{
     body::Body,
-    config::Config,
-    metrics::{InflightGuard, Outcome},
+    config::{Config, UpstreamConfig},
+    metrics::Outcome,
     store::Store,
-    upstream,
+    upstream::{self, Forward, UpstreamSetupError},
 };
+
+/// A response, and the outcome it is counted under.
+pub type Answer = (Response<Body>, Outcome);
+
+/// Builds the upstream a config names (the network client; tests give a scripted one).
+pub type MakeUpstream =
+    Box<dyn Fn(&UpstreamConfig) -> Result<Arc<dyn Forward>, UpstreamSetupError> + Send + Sync>;
 
 /// Size and time limits of the pipeline.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +58,9 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Live {
     rules: rules::Rules,
-    upstream: upstream::Upstream,
+    upstream: Arc<dyn Forward>,
+    /// `[upstream] timeout`: bound on one exchange (headers and recorded body).
+    upstream_timeout: Duration,
     limits: Limits,
     /// Peers whose forwarding headers are believed (rule 16).
     trusted_proxies: Vec<ipnet::IpNet>,
@@ -61,10 +69,15 @@ pub struct Live {
 }
 
 impl Live {
-    fn new(cfg: &Config, limit: limit::UpstreamLimit) -> Result<Self, SetupError> {
+    fn new(
+        cfg: &Config,
+        limit: limit::UpstreamLimit,
+        make_upstream: &MakeUpstream,
+    ) -> Result<Self, SetupError> {
         Ok(Self {
             rules: rules::Rules::new(cfg)?,
-            upstream: upstream::Upstream::new(&cfg.upstream)?,
+            upstream: make_upstream(&cfg.upstream)?,
+            upstream_timeout: cfg.upstream.timeout,
             limits: Limits {
                 max_request_body: cfg.server.max_request_body,
                 max_response_body: cfg.server.max_response_body,
@@ -77,15 +90,24 @@ impl Live {
 }
 
 /// The idempotency proxy.
-#[derive(Debug)]
 pub struct Proxy {
     live: ArcSwap<Live>,
     store: Arc<dyn Store>,
+    make_upstream: MakeUpstream,
     /// Upstream exchanges and recordings: run inline, and moved to a task of their own here if the
     /// client goes away first, so they finish either way; shutdown waits for them (see `detach`).
     tasks: TaskTracker,
     /// Large bodies being replayed now, shared by their readers.
     replays: shared_replays::SharedReplays,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("live", &self.live)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the proxy could not be built.
@@ -100,14 +122,26 @@ pub enum SetupError {
 }
 
 impl Proxy {
-    /// Builds the proxy for a validated config.
+    /// Builds the proxy for a validated config, forwarding to the upstream it names.
     pub fn new(cfg: &Config, store: Arc<dyn Store>) -> Result<Self, SetupError> {
-        Ok(Self {
-            live: ArcSwap::from_pointee(Live::new(
-                cfg,
-                limit::UpstreamLimit::new(cfg.upstream.max_concurrency),
-            )?),
+        Self::with_upstream(
+            cfg,
             store,
+            Box::new(|cfg| Ok(Arc::new(upstream::Upstream::new(cfg)?))),
+        )
+    }
+
+    /// Builds the proxy with upstreams made by `make_upstream` (at start and on every reload).
+    pub fn with_upstream(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        make_upstream: MakeUpstream,
+    ) -> Result<Self, SetupError> {
+        let limit = limit::UpstreamLimit::new(cfg.upstream.max_concurrency);
+        Ok(Self {
+            live: ArcSwap::from_pointee(Live::new(cfg, limit, &make_upstream)?),
+            store,
+            make_upstream,
             tasks: TaskTracker::new(),
             replays: shared_replays::SharedReplays::default(),
         })
@@ -117,65 +151,9 @@ impl Proxy {
     pub fn reload(&self, cfg: &Config) -> Result<(), SetupError> {
         // `upstream.max_concurrency` takes effect after a restart: the slots in use stay counted.
         let limit = self.live.load().limit.clone();
-        self.live.store(Arc::new(Live::new(cfg, limit)?));
+        self.live
+            .store(Arc::new(Live::new(cfg, limit, &self.make_upstream)?));
         Ok(())
-    }
-
-    /// Answers one request (never fails: errors become problem+json responses).
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
-        let _inflight = InflightGuard::request();
-        let live = self.live.load_full();
-        let method = req.method().clone();
-        // Kept for the error log; a `Uri` clone shares its bytes (no copy).
-        let uri = req.uri().clone();
-        // Rule 13: routes and fingerprints see the normalized path; the upstream gets it as sent.
-        let selected = crate::key::path::normalize(uri.path())
-            .and_then(|normal| Ok((live.rules.select(&normal, &method)?, normal)));
-        let (route, normal) = match selected {
-            Ok(s) => s,
-            Err(e) => {
-                let e = ProxyError::from(e);
-                tracing::debug!(%method, status = 400, code = e.code(), "refused: {e}");
-                live.rules.default_route().counters.count(Outcome::Rejected);
-                return e.response();
-            }
-        };
-        let limit = live.limits.request_timeout;
-        let progress = Progress::new(tokio::time::Instant::now() + limit);
-        let result = match tokio::time::timeout(
-            limit,
-            self.handle_inner(&live, route, req, &normal, peer, &progress),
-        )
-        .await
-        {
-            Ok(r) => r,
-            // Whose fault the timeout is depends on where the request was (rule 15).
-            Err(_) => Err(progress.timed_out(limit)),
-        };
-        let (resp, outcome) = match result {
-            Ok(mut resp) => {
-                let outcome = resp
-                    .extensions_mut()
-                    .remove::<Outcome>()
-                    .unwrap_or(Outcome::Passthrough);
-                (resp, outcome)
-            }
-            Err(e) => {
-                // Logged once, here, where the error becomes a response.
-                if e.is_client_error() {
-                    tracing::debug!(%method, path = uri.path(), status = e.status().as_u16(), code = e.code(), "refused: {e}");
-                } else {
-                    tracing::warn!(%method, path = uri.path(), status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
-                }
-                (e.response(), e.outcome())
-            }
-        };
-        route.counters.count(outcome);
-        resp
     }
 
     /// The store behind the proxy.
@@ -193,7 +171,7 @@ impl Proxy {
 impl ProxyError {
     /// The metrics outcome of a request that ended in this error (errors of claimed requests are
     /// settled, and counted, in `flow`).
-    fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             Self::FingerprintMismatch => Outcome::Mismatch,
             Self::InFlight { .. } => Outcome::Conflict,
@@ -204,10 +182,4 @@ impl ProxyError {
             _ => Outcome::Rejected,
         }
     }
-}
-
-/// Tags a response with its outcome for the request counter.
-fn tagged(mut resp: Response<Body>, outcome: Outcome) -> Response<Body> {
-    resp.extensions_mut().insert(outcome);
-    resp
 }

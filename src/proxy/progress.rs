@@ -14,10 +14,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::error::ProxyError;
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, RequestBody};
 use crate::store::StoreError;
 
 /// The phase a request is in.
@@ -79,7 +78,7 @@ impl Progress {
 
     /// A streamed request body that moves the request to [`Phase::Upstream`] once it has been read
     /// to its end (pass-through: the upstream exchange and the upload overlap).
-    pub(crate) fn stream_request(&self, body: Incoming) -> Body {
+    pub(crate) fn stream_request(&self, body: impl RequestBody) -> Body {
         use http_body_util::BodyExt;
         if body.is_end_stream() {
             self.set(Phase::Upstream);
@@ -93,12 +92,12 @@ impl Progress {
 }
 
 /// See [`Progress::stream_request`].
-struct Tracked {
-    inner: Incoming,
+struct Tracked<B> {
+    inner: B,
     progress: Progress,
 }
 
-impl HttpBody for Tracked {
+impl<B: RequestBody> HttpBody for Tracked<B> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -110,7 +109,7 @@ impl HttpBody for Tracked {
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.progress.set(Phase::Upstream);
         }
-        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

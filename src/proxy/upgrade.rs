@@ -15,16 +15,12 @@
 use std::net::SocketAddr;
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{
-    error::ProxyError,
-    forward::{into_proxy_error, upstream_request},
-    headers::strip_hop_by_hop,
-    tagged, Live,
+    error::ProxyError, forward::into_proxy_error, headers::strip_hop_by_hop, Answer, Live,
 };
-use crate::body::{empty, stream, Body};
+use crate::body::{empty, stream, RequestBody};
 use crate::metrics::Outcome;
 
 /// The protocol a request asks to switch to: its `Upgrade` value, when `Connection` lists `upgrade`
@@ -52,25 +48,25 @@ pub(super) fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
 
 impl Live {
     /// Forwards an upgrade request and, on `101`, joins the client and upstream connections.
-    pub(super) async fn tunnel(
+    pub(super) async fn tunnel<B: RequestBody>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         peer: SocketAddr,
         protocol: HeaderValue,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Answer, ProxyError> {
         // Taken before the request is consumed: resolves once hyper has sent our 101 to the client.
         let client_side = hyper::upgrade::on(&mut req);
         // A tunnel counts against `max_concurrency` while its handshake is at the upstream.
         let _slot = self.limit.try_take()?;
         let (mut parts, body) = req.into_parts();
-        upstream_request(self, &mut parts, peer)?;
+        self.prepare(&mut parts, peer);
         // Hop-by-hop stripping removed them; for this hop they are the point.
         set_upgrade_headers(&mut parts.headers, protocol);
         let mut resp = self
             .upstream
             .send_upgrade(
                 Request::from_parts(parts, stream(body)),
-                self.upstream.timeout,
+                self.upstream_timeout,
             )
             .await
             .map_err(into_proxy_error)?;
@@ -78,7 +74,7 @@ impl Live {
             // The upstream declined (e.g. 400, 426): an ordinary answer.
             let (mut head, body) = resp.into_parts();
             strip_hop_by_hop(&mut head.headers);
-            return Ok(tagged(
+            return Ok((
                 Response::from_parts(head, stream(body)),
                 Outcome::Passthrough,
             ));
@@ -107,10 +103,7 @@ impl Live {
                 Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with an error"),
             }
         });
-        Ok(tagged(
-            Response::from_parts(head, empty()),
-            Outcome::Passthrough,
-        ))
+        Ok((Response::from_parts(head, empty()), Outcome::Passthrough))
     }
 }
 

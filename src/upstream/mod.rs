@@ -12,11 +12,15 @@
 //! Trust for an https upstream: `ca_file` alone when set, else the bundled Mozilla roots
 //! (webpki-roots); `client_auth` adds a client certificate (mTLS).
 //!
+//! The pipeline sees only the [`Forward`] trait (rust-rpxy's `ForwardRequest` seam): [`Upstream`] is
+//! the network implementation; tests put a scripted one in its place and run the whole pipeline
+//! in-process.
+//!
 //! Connect failures — TCP refused, TLS handshake failed (wrong CA, bad name) or no connection within
 //! `connect_timeout` — all happen before a byte of the request leaves: they are
 //! [`UpstreamError::Connect`], and the flow frees the key.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use http::{uri::PathAndQuery, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -41,6 +45,33 @@ use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 
 type Connector = HttpsConnector<HttpConnector>;
+
+/// What a [`Forward::send`] resolves to: the response head, or why there is none.
+pub type SendFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + 'a>>;
+
+/// Where forwarded requests go: the one seam between the pipeline and the network.
+///
+/// A request arrives with its head already prepared by the proxy (hop-by-hop headers out, forwarding
+/// headers in) and its URI in the client's form (path and query as sent); the forwarder points it at
+/// its upstream (URI, `Host`) and sends it. Its error says whether anything may have been sent
+/// ([`UpstreamError::Connect`] means nothing was), which decides whether a key may be freed.
+pub trait Forward: Send + Sync + std::fmt::Debug + 'static {
+    /// Sends a request and waits (at most `timeout`) for the response head.
+    fn send(&self, req: Request<Body>, timeout: Duration) -> SendFuture<'_>;
+
+    /// Sends a protocol-upgrade request (`Connection: upgrade` restored by the caller); a `101`
+    /// response can then be upgraded with `hyper::upgrade::on`. Forwarders that cannot tunnel refuse
+    /// before sending anything.
+    fn send_upgrade(&self, req: Request<Body>, timeout: Duration) -> SendFuture<'_> {
+        let _ = (req, timeout);
+        Box::pin(async {
+            Err(UpstreamError::Connect(
+                "this upstream does not tunnel".into(),
+            ))
+        })
+    }
+}
 
 /// How an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +133,6 @@ pub struct Upstream {
     host: HeaderValue,
     base_path: String,
     connect_timeout: Duration,
-    /// Bound on one exchange (headers and recorded body).
-    pub timeout: Duration,
 }
 
 impl Upstream {
@@ -135,19 +164,24 @@ impl Upstream {
             host,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             connect_timeout: cfg.connect_timeout,
-            timeout: cfg.timeout,
         })
     }
 
-    /// The `Host` the upstream gets (its own authority, whatever the client sent).
-    pub fn host(&self) -> HeaderValue {
-        self.host.clone()
+    /// Points a request at the upstream: `Host` becomes its authority (whatever the client sent), and
+    /// the URI its base path followed by the client's path and query. Nothing is sent yet.
+    fn target(&self, req: &mut Request<Body>) -> Result<(), UpstreamError> {
+        req.headers_mut()
+            .insert(http::header::HOST, self.host.clone());
+        *req.uri_mut() = self
+            .uri_for(req.uri().path_and_query())
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        Ok(())
     }
 
     /// The URI of a request path on the upstream, built once in the form its transport sends: origin
     /// form (`/path?query`) for our HTTP/1.1 pool, absolute form for hyper-util's client. Without a
     /// base path, the client's path and query are reused as they are (no copy).
-    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = match pq {
             Some(pq) if self.base_path.is_empty() => pq.clone(),
             pq => PathAndQuery::try_from(format!(
@@ -172,11 +206,12 @@ impl Upstream {
     }
 
     /// Sends a request and waits (at most `timeout`) for the response head.
-    pub async fn send(
+    async fn send_request(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
+        self.target(&mut req)?;
         match &self.transport {
             Transport::Http1(pool) => self.send_pooled(pool, req, timeout).await,
             Transport::Tls { clients, settings } => {
@@ -187,14 +222,13 @@ impl Upstream {
         }
     }
 
-    /// Sends a protocol-upgrade request over HTTP/1.1 (whatever ALPN would pick) and waits (at most
-    /// `timeout`) for the response head; a `101` response can then be upgraded with
-    /// `hyper::upgrade::on`.
-    pub async fn send_upgrade(
+    /// Sends a protocol-upgrade request over HTTP/1.1, whatever ALPN would pick.
+    async fn send_upgrade_request(
         &self,
         mut req: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        self.target(&mut req)?;
         // hyper-util's client wants the absolute form (`uri_for` gives the pool's origin form).
         if req.uri().scheme().is_none() {
             let pq = req.uri().path_and_query().cloned();
@@ -202,7 +236,9 @@ impl Upstream {
                 .absolute(pq.unwrap_or_else(|| PathAndQuery::from_static("/")))
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
         }
-        self.send_on(&self.upgrade_client, req, timeout).await
+        // The response keeps its extensions, the connection's upgrade among them.
+        let resp = self.send_on(&self.upgrade_client, req, timeout).await?;
+        Ok(resp.map(ResponseBody::unpooled))
     }
 
     /// On our HTTP/1.1 pool: an idle connection of this thread, or a new one within
@@ -283,6 +319,16 @@ impl Upstream {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(r) => classify(r),
         }
+    }
+}
+
+impl Forward for Upstream {
+    fn send(&self, req: Request<Body>, timeout: Duration) -> SendFuture<'_> {
+        Box::pin(self.send_request(req, timeout))
+    }
+
+    fn send_upgrade(&self, req: Request<Body>, timeout: Duration) -> SendFuture<'_> {
+        Box::pin(self.send_upgrade_request(req, timeout))
     }
 }
 

@@ -32,7 +32,7 @@ use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use thread_local::ThreadLocal;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 
 /// How long an idle connection is kept.
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -144,7 +144,7 @@ impl Pool {
         sender: SendRequest<Body>,
     ) -> ResponseBody {
         let mut b = ResponseBody {
-            inner,
+            inner: Source::Wire(inner),
             back: Some((sender, Arc::clone(self))),
         };
         b.check_end(false);
@@ -166,16 +166,22 @@ async fn reap(pool: Weak<Pool>) {
 }
 
 /// The body of an upstream response. From a pooled connection, it returns the connection when it
-/// ends; from any other (TLS, HTTP/2), it is the connection's body as is.
+/// ends; from any other (TLS, HTTP/2), it is the connection's body as is; a forwarder that is not a
+/// network client (a scripted test upstream) gives any [`Body`].
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: Source,
     back: Option<(SendRequest<Body>, Arc<Pool>)>,
+}
+
+enum Source {
+    Wire(Incoming),
+    Other(Body),
 }
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseBody")
-            .field("inner", &self.inner)
+            .field("wire", &matches!(self.inner, Source::Wire(_)))
             .field("pooled", &self.back.is_some())
             .finish()
     }
@@ -184,12 +190,23 @@ impl std::fmt::Debug for ResponseBody {
 impl ResponseBody {
     /// A body not tied to a pooled connection.
     pub(super) fn unpooled(inner: Incoming) -> Self {
-        Self { inner, back: None }
+        Self {
+            inner: Source::Wire(inner),
+            back: None,
+        }
+    }
+
+    /// A body from anywhere but the network (what a scripted upstream answers).
+    pub fn new(body: Body) -> Self {
+        Self {
+            inner: Source::Other(body),
+            back: None,
+        }
     }
 
     /// Gives the connection back once the body has ended (by its length, or its last frame).
     fn check_end(&mut self, ended: bool) {
-        if ended || self.inner.is_end_stream() {
+        if ended || self.is_end_stream() {
             if let Some((sender, pool)) = self.back.take() {
                 pool.checkin(sender);
             }
@@ -199,13 +216,18 @@ impl ResponseBody {
 
 impl HttpBody for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match &mut self.inner {
+            Source::Wire(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            Source::Other(b) => Pin::new(b).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => self.check_end(true),
             // A broken body: its connection is not reused.
@@ -217,10 +239,16 @@ impl HttpBody for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Wire(b) => b.is_end_stream(),
+            Source::Other(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Wire(b) => b.size_hint(),
+            Source::Other(b) => b.size_hint(),
+        }
     }
 }

@@ -1,0 +1,108 @@
+//! The "derive key" phase: from a buffered request under rules, its store key (scoped by route, headers
+//! and cookies) and its fingerprint (contract rules 1–3, 11, 13).
+//!
+//! The fingerprint sees the normalized path and the query as sent. With `key = "fingerprint"` the
+//! fingerprint *is* the key, so it sees the path as route matching does (case, a trailing `/`, `%2F`,
+//! `;params` and an empty query folded): a spelling that reaches the same route reaches the same key,
+//! and never runs twice.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::request::Parts;
+
+use super::{error::ProxyError, rules::RouteRules};
+use crate::{
+    config::{FingerprintMode, KeySource},
+    key::{fingerprint, json_pointer_key, path::key_form, Fingerprint, IdempotencyKey, StoreKey},
+};
+
+/// A request under rules, with its key derived, before the claim.
+pub(super) struct Keyed {
+    pub(super) key: StoreKey,
+    /// The client key as logs may show it (rule 9).
+    pub(super) redacted: String,
+    pub(super) fp: Fingerprint,
+    pub(super) parts: Parts,
+    pub(super) body: Bytes,
+}
+
+/// What the request's key turned out to be.
+pub(super) enum Derived {
+    /// A key: the request goes on to the claim.
+    Keyed(Keyed),
+    /// No key on a route where it is optional: forwarded as is, every time (rule 1).
+    Unkeyed(Parts, Bytes),
+}
+
+/// Derives the key and fingerprint of `parts` + `body` on `route` (`normal_path`: the normalized path).
+pub(super) fn derive_key(
+    route: &RouteRules,
+    parts: Parts,
+    body: Bytes,
+    normal_path: &str,
+) -> Result<Derived, ProxyError> {
+    let rule = &route.rule;
+    let pq = if rule.key == KeySource::Fingerprint {
+        let p = key_form(normal_path);
+        match parts.uri.query().filter(|q| !q.is_empty()) {
+            None => Cow::Owned(p),
+            Some(q) => Cow::Owned(format!("{p}?{q}")),
+        }
+    } else {
+        match parts.uri.query() {
+            None => Cow::Borrowed(normal_path),
+            Some(q) => Cow::Owned(format!("{normal_path}?{q}")),
+        }
+    };
+    let fp_of = |mode| {
+        fingerprint(
+            mode,
+            &parts.method,
+            &pq,
+            &rule.fingerprint_headers,
+            &parts.headers,
+            &body,
+        )
+    };
+    // With `key = "fingerprint"` the key's hash is usually the fingerprint too: hash once.
+    let mut key_fp = None;
+    let client_key = match &rule.key {
+        KeySource::Header => IdempotencyKey::from_headers(&parts.headers, &rule.header)?,
+        KeySource::Json(ptr) => json_pointer_key(&body, ptr)?
+            .map(|k| IdempotencyKey::new(&k))
+            .transpose()?,
+        KeySource::Fingerprint => {
+            // The key is the request itself; with `fingerprint = "none"` the raw request is hashed.
+            let whole = fp_of(match rule.fingerprint {
+                FingerprintMode::None => FingerprintMode::Raw,
+                m => m,
+            });
+            if rule.fingerprint != FingerprintMode::None {
+                key_fp = Some(whole);
+            }
+            Some(IdempotencyKey::new(&whole.to_hex())?)
+        }
+    };
+    let Some(client_key) = client_key else {
+        if rule.required {
+            return Err(ProxyError::MissingKey);
+        }
+        return Ok(Derived::Unkeyed(parts, body));
+    };
+    // Hashed only once a key is known (the body may be up to `max_request_body`).
+    let fp = key_fp.unwrap_or_else(|| fp_of(rule.fingerprint));
+    Ok(Derived::Keyed(Keyed {
+        key: StoreKey::derive_scoped(
+            &route.name,
+            &client_key,
+            &rule.scope_headers,
+            &rule.scope_cookies,
+            &parts.headers,
+        ),
+        redacted: client_key.redacted().to_owned(),
+        fp,
+        parts,
+        body,
+    }))
+}
