@@ -89,10 +89,11 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
                 path: crate::config::redact_url(url),
                 source,
             })?;
-            Ok(Arc::new(Instrumented::new(
+            Ok(Instrumented::start(
                 Arc::new(s),
                 config.store.timeout,
-            )))
+                config.store.sweep_interval,
+            ))
         }
         Backend::Sled => {
             let opts = SledOptions {
@@ -108,10 +109,11 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
                     source,
                 }
             })?;
-            Ok(Arc::new(Instrumented::new(
+            Ok(Instrumented::start(
                 Arc::new(s),
                 config.store.timeout,
-            )))
+                config.store.sweep_interval,
+            ))
         }
     }
 }
@@ -139,11 +141,7 @@ pub async fn run(
     let listener = bind(config.server.listen).await?;
     let admin_listener = bind(config.admin.listen).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sweeper = tokio::spawn(sweep_loop(
-        Arc::clone(&store),
-        config.store.sweep_interval,
-        stop_rx.clone(),
-    ));
+    let upkeep = tokio::spawn(upkeep_loop(config.store.sweep_interval, stop_rx.clone()));
 
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
@@ -244,12 +242,12 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
-    let _ = sweeper.await;
+    let _ = upkeep.await;
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final flush failed");
     }
     // Clean only when nothing can write any more (a claim still running after the grace would).
-    store.close(drain == Drain::Complete);
+    store.close(drain == Drain::Complete).await;
     if let Some(r) = reloader {
         let _ = r.await;
     }
@@ -279,31 +277,15 @@ fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     l.local_addr().unwrap_or(fallback)
 }
 
-/// Deletes expired records (and folds metric samples, see [`metrics::upkeep`]) every `every` until
-/// stopped.
-async fn sweep_loop(
-    store: Arc<dyn Store>,
-    every: std::time::Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Folds metric samples (see [`metrics::upkeep`]) every `every` until stopped (a scrape does it too;
+/// this bounds their memory when nothing scrapes).
+async fn upkeep_loop(every: std::time::Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         metrics::upkeep();
-        // A stuck store must not hold up shutdown: the sweep is abandoned when the stop comes.
-        let swept = tokio::select! {
-            r = store.sweep() => r,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        match swept {
-            Ok(s) if s.expired > 0 => {
-                tracing::debug!(expired = s.expired, scanned = s.scanned, "swept")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sweep failed"),
-        }
     }
 }
 

@@ -53,6 +53,11 @@ impl Section {
     }
 
     fn take(&mut self, key: &str) -> Option<Value> {
+        debug_assert!(
+            super::schema::declared(&self.path_of(key)),
+            "{} is read but not declared in config::schema",
+            self.path_of(key)
+        );
         self.table.remove(key)
     }
 

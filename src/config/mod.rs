@@ -7,6 +7,7 @@
 pub mod bounds;
 pub mod defaults;
 mod file;
+pub mod schema;
 mod validate;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
@@ -67,7 +68,7 @@ pub struct Overrides {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `[server]`: the client-facing listener.
     pub server: ServerConfig,
@@ -84,7 +85,7 @@ pub struct Config {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Listen address.
     pub listen: SocketAddr,
@@ -109,7 +110,7 @@ pub struct ServerConfig {
 }
 
 /// `[server.tls]`. The files are read when the proxy starts and again on SIGHUP.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     /// PEM certificate chain (leaf first).
     pub cert: PathBuf,
@@ -122,7 +123,7 @@ pub struct TlsConfig {
 }
 
 /// A PEM certificate chain and its private key (a client identity for mTLS).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CertKey {
     /// PEM certificate chain (leaf first).
     pub cert: PathBuf,
@@ -131,7 +132,7 @@ pub struct CertKey {
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Base URL (scheme, authority, optional path prefix).
     pub url: Uri,
@@ -148,7 +149,7 @@ pub struct UpstreamConfig {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     /// Which backend.
     pub backend: Backend,
@@ -191,7 +192,7 @@ pub enum SyncPolicy {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// Listen address.
     pub listen: SocketAddr,
@@ -200,7 +201,7 @@ pub struct AdminConfig {
 }
 
 /// A `[[routes]]` entry: a path glob and its fully resolved rules.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// Unique name; part of every store key, so renaming a route forgets its keys.
     pub name: String,
@@ -211,7 +212,7 @@ pub struct Route {
 }
 
 /// What happens to requests under one route (or `[defaults]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// `false`: pure pass-through.
     pub enabled: bool,

@@ -5,14 +5,17 @@
 //! The bound is what turns a stuck store (a full disk under sled, a frozen Redis) into a prompt 503
 //! `store-unavailable` instead of a request that hangs until its own timeout (contract rule 14). A
 //! claim cut short is dropped, and the backend abandons it to its lease (see `Store::abandon`).
+//!
+//! Every store the app opens is wrapped here, and the wrapper owns the store's sweeper (see
+//! `sweeper`): started by [`Instrumented::start`], stopped by `close()` or when the store is dropped.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
 use super::{
-    BackendStats, ClaimOutcome, Committed, KeyWatch, NewResult, Record, Store, StoreError,
-    SweepStats,
+    sweeper::Sweeper, BackendStats, ClaimOutcome, Committed, KeyWatch, NewResult, Record, Store,
+    StoreAdmin, StoreError, StoreUpkeep, SweepStats,
 };
 use crate::{
     key::{Fingerprint, StoreKey},
@@ -24,12 +27,28 @@ use crate::{
 pub struct Instrumented {
     inner: Arc<dyn Store>,
     timeout: Duration,
+    /// Running from [`Instrumented::start`] until `close()`.
+    sweeper: Option<Sweeper>,
 }
 
 impl Instrumented {
-    /// Wraps `inner`; each operation fails with [`StoreError::Timeout`] after `timeout`.
+    /// Wraps `inner`; each operation fails with [`StoreError::Timeout`] after `timeout`. No sweeper.
     pub fn new(inner: Arc<dyn Store>, timeout: Duration) -> Self {
-        Self { inner, timeout }
+        Self {
+            inner,
+            timeout,
+            sweeper: None,
+        }
+    }
+
+    /// Wraps `inner` as [`Instrumented::new`] does, and sweeps it every `sweep_interval` until
+    /// `close()` (needs a Tokio runtime).
+    pub fn start(inner: Arc<dyn Store>, timeout: Duration, sweep_interval: Duration) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            inner,
+            timeout,
+            sweeper: Some(Sweeper::start(me.clone(), sweep_interval)),
+        })
     }
 
     async fn timed<T>(
@@ -78,6 +97,17 @@ impl Store for Instrumented {
         self.timed("release", self.inner.release(key, token)).await
     }
 
+    fn watch(&self, key: &StoreKey) -> KeyWatch {
+        self.inner.watch(key)
+    }
+
+    fn abandon(&self, token: u64) {
+        self.inner.abandon(token);
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for Instrumented {
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         self.timed("lookup", self.inner.lookup(key)).await
     }
@@ -89,15 +119,10 @@ impl Store for Instrumented {
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
         self.timed("purge", self.inner.purge(id)).await
     }
+}
 
-    fn watch(&self, key: &StoreKey) -> KeyWatch {
-        self.inner.watch(key)
-    }
-
-    fn abandon(&self, token: u64) {
-        self.inner.abandon(token);
-    }
-
+#[async_trait]
+impl StoreUpkeep for Instrumented {
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
         let r = self.timed("sweep", self.inner.sweep()).await;
         if let Ok(s) = &r {
@@ -124,7 +149,10 @@ impl Store for Instrumented {
         self.inner.stats()
     }
 
-    fn close(&self, clean: bool) {
-        self.inner.close(clean);
+    async fn close(&self, clean: bool) {
+        if let Some(s) = &self.sweeper {
+            s.stop().await;
+        }
+        self.inner.close(clean).await;
     }
 }

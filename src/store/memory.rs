@@ -12,6 +12,7 @@ use super::{
     ClaimOutcome, Committed, Completed, InFlight, KeyWatch, NewResult, Record, Store, StoreError,
     SweepStats,
 };
+use crate::store::{StoreAdmin, StoreUpkeep};
 use crate::{
     clock::Clock,
     key::{Fingerprint, StoreKey},
@@ -138,6 +139,17 @@ impl Store for MemoryStore {
         }
     }
 
+    fn watch(&self, key: &StoreKey) -> KeyWatch {
+        self.watchers.subscribe(key)
+    }
+
+    fn abandon(&self, token: u64) {
+        self.live.remove(token);
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for MemoryStore {
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let now = self.clock.now_ms();
         Ok(self
@@ -176,15 +188,10 @@ impl Store for MemoryStore {
         }
         Ok(keys.len() as u64)
     }
+}
 
-    fn watch(&self, key: &StoreKey) -> KeyWatch {
-        self.watchers.subscribe(key)
-    }
-
-    fn abandon(&self, token: u64) {
-        self.live.remove(token);
-    }
-
+#[async_trait]
+impl StoreUpkeep for MemoryStore {
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
         let now = self.clock.now_ms();
         let mut records = self.records();

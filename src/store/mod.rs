@@ -35,6 +35,7 @@ pub mod record;
 pub mod redis;
 pub mod shared_bytes;
 pub mod sled;
+mod sweeper;
 mod watch;
 
 #[cfg(any(test, feature = "testing"))]
@@ -128,12 +129,15 @@ pub enum StoreError {
     Full(String),
 }
 
-/// The store behind the proxy. Implementations: [`memory::MemoryStore`] (reference model, tests) and
-/// [`sled::SledStore`] (embedded, durable). See the module docs for the state machine every
-/// implementation follows; `conformance` tests check it on each.
+/// The store behind the proxy: the hot path every keyed request takes (claim, then complete or
+/// release), with what operators ask of it ([`StoreAdmin`]) and what keeps it running
+/// ([`StoreUpkeep`]) in traits of their own. Implementations: [`memory::MemoryStore`] (reference
+/// model, tests), [`sled::SledStore`] (embedded, durable) and [`redis::RedisStore`] (shared); see
+/// the module docs for the state machine every one follows; `testing::conformance` checks it on each.
 #[async_trait]
-pub trait Store: Send + Sync + Debug + 'static {
-    /// Atomically claims `key` for a request with fingerprint `fp`, or says who has it.
+pub trait Store: StoreAdmin + StoreUpkeep + Send + Sync + Debug + 'static {
+    /// Atomically claims `key` for a request with fingerprint `fp`, or says who has it (and, for a
+    /// completed key, its result: the replay needs no second read).
     async fn claim(
         &self,
         key: &StoreKey,
@@ -153,6 +157,18 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Frees the key held by `token`, so the next request with it is forwarded.
     async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError>;
 
+    /// A watch that fires when `key` is completed, released or purged. Subscribe *before* the claim
+    /// whose outcome you will wait on, so no change can slip between the two.
+    fn watch(&self, key: &StoreKey) -> KeyWatch;
+
+    /// The owner of `token` is gone without completing or releasing (it crashed): from now on its claim
+    /// lives only until its lease deadline.
+    fn abandon(&self, token: u64);
+}
+
+/// What the admin API asks of a store: reading and purging records by key.
+#[async_trait]
+pub trait StoreAdmin {
     /// The live record of `key` (never an expired completed one).
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError>;
 
@@ -161,15 +177,11 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Deletes every record of a (route, key) digest; returns how many there were.
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError>;
+}
 
-    /// A watch that fires when `key` is completed, released or purged. Subscribe *before* the claim
-    /// whose outcome you will wait on, so no change can slip between the two.
-    fn watch(&self, key: &StoreKey) -> KeyWatch;
-
-    /// The owner of `token` is gone without completing or releasing (it crashed): from now on its claim
-    /// lives only until its lease deadline.
-    fn abandon(&self, token: u64);
-
+/// What keeps a store running: sweeping, flushing, health, counters and the final close.
+#[async_trait]
+pub trait StoreUpkeep {
     /// Deletes expired records (completed past TTL, claims past their lease whose owner is gone).
     async fn sweep(&self) -> Result<SweepStats, StoreError>;
 
@@ -187,10 +199,10 @@ pub trait Store: Send + Sync + Debug + 'static {
         BackendStats::default()
     }
 
-    /// Stops the backend's background work and leaves its data ready for the next open (called once,
-    /// at shutdown, after the last flush). `clean`: nothing writes any more. Backends whose tasks stop
-    /// on drop have nothing to do.
-    fn close(&self, clean: bool) {
+    /// Stops the store's background work (its sweeper first) and leaves its data ready for the next
+    /// open (called once, at shutdown, after the last flush). `clean`: nothing writes any more.
+    /// Backends whose tasks stop on drop have nothing to do.
+    async fn close(&self, clean: bool) {
         let _ = clean;
     }
 }

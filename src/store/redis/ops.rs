@@ -1,6 +1,7 @@
 //! The `Store` operations on Redis: one script per operation.
 
 use super::*;
+use crate::store::{StoreAdmin, StoreUpkeep};
 
 impl RedisStore {
     /// The claim itself (see `Store::claim`).
@@ -136,6 +137,18 @@ impl Store for RedisStore {
         Ok(Committed::Done)
     }
 
+    fn watch(&self, key: &StoreKey) -> KeyWatch {
+        self.inner.watchers.subscribe(key)
+    }
+
+    fn abandon(&self, token: u64) {
+        // Renewals stop: the claim now lives only until its deadline, as if this process had died.
+        self.inner.disown(token);
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for RedisStore {
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let s = &*self.inner;
         let mut inv = s.scripts.lookup.prepare_invoke();
@@ -199,16 +212,10 @@ impl Store for RedisStore {
         }
         Ok(scopes.len() as u64)
     }
+}
 
-    fn watch(&self, key: &StoreKey) -> KeyWatch {
-        self.inner.watchers.subscribe(key)
-    }
-
-    fn abandon(&self, token: u64) {
-        // Renewals stop: the claim now lives only until its deadline, as if this process had died.
-        self.inner.disown(token);
-    }
-
+#[async_trait]
+impl StoreUpkeep for RedisStore {
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
         // Redis expires every key by itself (see the module docs).
         Ok(SweepStats::default())

@@ -2,6 +2,7 @@
 //! against a real `redis-server`).
 
 use super::*;
+use crate::store::StoreUpkeep;
 
 fn names(prefix: &str) -> Names {
     Names {

@@ -2,6 +2,7 @@
 //! key-level primitives of `records`.
 
 use super::*;
+use crate::store::{StoreAdmin, StoreUpkeep};
 
 /// The operations themselves; the `Store` impl below passes their errors through [`SledStore::settled`].
 impl SledStore {
@@ -332,6 +333,19 @@ impl Store for SledStore {
         self.settled(self.do_release(key, token).await)
     }
 
+    fn watch(&self, key: &StoreKey) -> KeyWatch {
+        self.shared.watchers.subscribe(key)
+    }
+
+    fn abandon(&self, token: u64) {
+        // The owner died: its claim is no longer protected by a live owner, so after its lease a
+        // retry takes it over or the sweeper's walk deletes it.
+        self.shared.live.remove(token);
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for SledStore {
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         self.settled(self.do_lookup(key).await)
     }
@@ -343,17 +357,10 @@ impl Store for SledStore {
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
         self.settled(self.do_purge(id).await)
     }
+}
 
-    fn watch(&self, key: &StoreKey) -> KeyWatch {
-        self.shared.watchers.subscribe(key)
-    }
-
-    fn abandon(&self, token: u64) {
-        // The owner died: its claim is no longer protected by a live owner, so after its lease a
-        // retry takes it over or the sweeper's walk deletes it.
-        self.shared.live.remove(token);
-    }
-
+#[async_trait]
+impl StoreUpkeep for SledStore {
     async fn sweep(&self) -> Result<SweepStats, StoreError> {
         // Deleting writes too (sled logs it): not on a disk that is about full.
         let inner = self.inner()?;
@@ -384,7 +391,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn close(&self, clean: bool) {
+    async fn close(&self, clean: bool) {
         SledStore::close(self, clean);
     }
 

@@ -2,6 +2,7 @@
 
 use super::{unflushed::*, *};
 use crate::clock::ManualClock;
+use crate::store::StoreUpkeep;
 
 /// Opens the store at `dir` again. sled's IO threads may hold the directory lock for a moment after
 /// the last handle is dropped (there is no event to wait for): the open is retried, bounded.

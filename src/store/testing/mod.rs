@@ -5,4 +5,5 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod conformance;
+pub mod failing;
 pub mod redis_server;

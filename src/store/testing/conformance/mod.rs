@@ -34,6 +34,7 @@ use crate::{
 };
 
 use super::redis_server::{self, RedisServer};
+use crate::store::StoreUpkeep;
 
 mod model;
 mod redis;

@@ -1,6 +1,7 @@
 //! Redis only: the server's clock, real (short) leases and TTLs, several replicas on one server.
 
 use super::*;
+use crate::store::{StoreAdmin, StoreUpkeep};
 
 /// A store as a proxy opens it (server clock), under `prefix`: two with one prefix are two replicas.
 fn replica(server: &RedisServer, prefix: &str) -> RedisStore {
