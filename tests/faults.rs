@@ -19,16 +19,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/failing_store.rs"]
-mod failing_store;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::chaos::ChaosUpstream;
 use common::client::raw_request;
+use common::in_process::InProcess;
 use common::{eventually, metrics, post_key, try_send, within, Proxy, RawConn, Resp, Upstream};
-use failing_store::{FailingStore, InProcess, Op};
+use idemproxy::store::testing::failing::{FailingStore, Op};
 use idemproxy::{clock::SystemClock, config::SyncPolicy, store::Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

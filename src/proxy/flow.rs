@@ -20,8 +20,10 @@
 //! Phases 5–7 run inline and move to a task of their own if the client disconnects first (see
 //! `detach`), so a claimed exchange is forwarded and recorded either way.
 //!
-//! Each request runs in one `request` span carrying its method, route, outcome and redacted key;
-//! log lines inside it carry those fields.
+//! Each request runs in one `request` span carrying its method, route, outcome and redacted key; log
+//! lines inside it carry those fields. The span is at debug level, so that it costs nothing unless
+//! asked for (`RUST_LOG=idemproxy=debug`); the warnings and errors a request can log name its route
+//! and redacted key themselves.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -56,6 +58,15 @@ use crate::{
 /// (Room for the release's durable sync, also on a loaded disk.)
 const REQUEST_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// A request past phase 1: its route and normalized path, its peer, and where it stands.
+struct Selected<'a> {
+    route: &'a RouteRules,
+    normal_path: &'a str,
+    peer: SocketAddr,
+    progress: &'a Progress,
+    span: &'a tracing::Span,
+}
+
 /// What the claim phase decided.
 enum Claimed {
     /// The key is ours: forward.
@@ -70,6 +81,9 @@ enum Claimed {
 struct Claim {
     key: StoreKey,
     token: u64,
+    /// For log lines: the route, and the client key as logs may show it (rule 9).
+    route: Arc<str>,
+    redacted: String,
     /// The route's upstream-duration histogram.
     upstream_duration: metrics::Histogram,
     /// Where the request stands (its client's timeout reads it).
@@ -109,7 +123,7 @@ impl Proxy {
     ) -> Answer {
         let _inflight = InflightGuard::request();
         let live = self.live.load_full();
-        let span = tracing::info_span!("request", method = %req.method(), route = Empty, outcome = Empty, key = Empty);
+        let span = tracing::debug_span!("request", method = %req.method(), route = Empty, outcome = Empty, key = Empty);
         // Kept for the error log; a `Uri` clone shares its bytes (no copy).
         let uri = req.uri().clone();
         // Phase 1: select the route on the normalized path; the upstream gets the path as sent.
@@ -126,7 +140,14 @@ impl Proxy {
         span.record("route", &*route.name);
         let limit = live.limits.request_timeout;
         let progress = Progress::new(tokio::time::Instant::now() + limit);
-        let run = self.run(&live, route, req, &normal, peer, &progress);
+        let selected = Selected {
+            route,
+            normal_path: &normal,
+            peer,
+            progress: &progress,
+            span: &span,
+        };
+        let run = self.run(&live, req, selected);
         let result = match tokio::time::timeout(limit, run.instrument(span.clone())).await {
             Ok(r) => r,
             // Whose fault the timeout is depends on where the request was (rule 15).
@@ -139,12 +160,16 @@ impl Proxy {
     async fn run<B: RequestBody>(
         self: &Arc<Self>,
         live: &Arc<Live>,
-        route: &RouteRules,
         req: Request<B>,
-        normal_path: &str,
-        peer: SocketAddr,
-        progress: &Progress,
+        selected: Selected<'_>,
     ) -> Result<Answer, ProxyError> {
+        let Selected {
+            route,
+            normal_path,
+            peer,
+            progress,
+            span,
+        } = selected;
         // Phase 2: under rules? Anything else streams through untouched.
         let rule = &route.rule;
         if !rule.enabled || !rule.methods.contains(req.method()) {
@@ -166,7 +191,7 @@ impl Proxy {
                 return live.forward_unprotected(parts, body, peer, false).await;
             }
         };
-        tracing::Span::current().record("key", req.redacted.as_str());
+        span.record("key", req.redacted.as_str());
         // Phase 4: claim the key.
         let claim = match self.claim(route, &req, progress).await? {
             Claimed::Ours(c) => c,
@@ -198,7 +223,7 @@ impl Proxy {
             guard.armed = false;
             answer
         };
-        Detachable::new(&self.tasks, work.in_current_span()).await
+        Detachable::new(&self.tasks, work.instrument(span.clone())).await
     }
 
     /// Phase 4: claim the key, and act on what the store says. In wait mode, loops until the first
@@ -227,6 +252,8 @@ impl Proxy {
                     return Ok(Claimed::Ours(Claim {
                         key: req.key,
                         token,
+                        route: Arc::clone(&route.name),
+                        redacted: req.redacted.clone(),
                         upstream_duration: route.counters.upstream_duration(),
                         progress: progress.clone(),
                     }));
@@ -300,7 +327,7 @@ impl Proxy {
                 // Nothing was sent: always free the key.
                 self.release(claim).await;
                 let e = ProxyError::UpstreamUnreachable(e);
-                tracing::warn!(error = ?e, "upstream unreachable; key released");
+                tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream unreachable; key released");
                 return Ok(Forwarded::Settled((e.response(), Outcome::Released)));
             }
             Err(e) => {
@@ -354,7 +381,7 @@ impl Proxy {
         let timed_out = matches!(e, ProxyError::UpstreamTimeout);
         if rule.release_statuses.contains(&e.status()) {
             self.release(claim).await;
-            tracing::warn!(error = ?e, "upstream failed; key released");
+            tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; key released");
             let outcome = if timed_out {
                 Outcome::UpstreamTimeout
             } else {
@@ -370,7 +397,7 @@ impl Proxy {
             body_omitted: false,
             seen_only: !rule.store_response,
         };
-        tracing::warn!(error = ?e, "upstream failed; recorded as the result");
+        tracing::warn!(route = %claim.route, key = %claim.redacted, error = ?e, "upstream failed; recorded as the result");
         self.commit(claim, rule, result).await?;
         let outcome = if timed_out {
             Outcome::UpstreamTimeout
@@ -434,6 +461,7 @@ impl Proxy {
             }
             Ok(Committed::Stale) => {
                 tracing::warn!(
+                    route = %claim.route, key = %claim.redacted,
                     "claim was taken over or purged while in flight; result not recorded"
                 );
                 Ok(())
@@ -443,7 +471,7 @@ impl Proxy {
             // to its lease (a retry within it gets 409, after it the request may run again): the store
             // could not say what it holds, and releasing at once would invite an immediate duplicate.
             Err(e) => {
-                tracing::error!(error = %e, "could not record the result; answering 503, the key frees when its lease ends");
+                tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not record the result; answering 503, the key frees when its lease ends");
                 self.store.abandon(claim.token);
                 Err(ProxyError::StoreUnavailable(e))
             }
@@ -453,7 +481,7 @@ impl Proxy {
     /// Frees a claimed key (nothing was sent, or the answer is not to be kept).
     async fn release(&self, claim: &Claim) {
         if let Err(e) = self.store.release(&claim.key, claim.token).await {
-            tracing::error!(error = %e, "could not release the key; it frees when its lease ends");
+            tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not release the key; it frees when its lease ends");
             self.store.abandon(claim.token);
         }
     }
@@ -512,7 +540,7 @@ fn respond(
                     "refused: {e}"
                 );
             } else {
-                tracing::warn!(path, status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
+                tracing::warn!(route = %route.name, path, status = e.status().as_u16(), code = e.code(), error = ?e, "failed: {e}");
             }
             (e.response(), e.outcome())
         }

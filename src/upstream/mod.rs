@@ -361,3 +361,51 @@ fn build_client(
         .timer(TokioTimer::new())
         .build(connector)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::empty;
+
+    fn upstream(url: &str) -> Upstream {
+        let cfg = UpstreamConfig {
+            url: url.parse().unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            max_concurrency: 1,
+            ca_file: None,
+            client_auth: None,
+        };
+        Upstream::new(&cfg).unwrap()
+    }
+
+    fn targeted(up: &Upstream, uri: &str) -> Request<Body> {
+        let mut req = Request::post(uri)
+            .header(http::header::HOST, "client.example")
+            .body(empty())
+            .unwrap();
+        up.target(&mut req).unwrap();
+        req
+    }
+
+    #[test]
+    fn host_is_the_upstreams_authority_and_the_path_goes_under_its_base_path() {
+        // Rule 9: `Host` becomes the upstream's authority, whatever the client sent.
+        let plain = upstream("http://up.test:8080");
+        let req = targeted(&plain, "/pay?x=1");
+        assert_eq!(req.headers()[http::header::HOST], "up.test:8080");
+        assert_eq!(req.uri(), "/pay?x=1", "origin form for the pool");
+
+        let based = upstream("http://up.test:8080/base/");
+        assert_eq!(targeted(&based, "/pay?x=1").uri(), "/base/pay?x=1");
+
+        let tls = upstream("https://secure.test");
+        let req = targeted(&tls, "/pay");
+        assert_eq!(req.headers()[http::header::HOST], "secure.test");
+        assert_eq!(
+            req.uri(),
+            "https://secure.test/pay",
+            "absolute form for hyper-util"
+        );
+    }
+}

@@ -16,7 +16,8 @@
 //! - [`procstat`]: RSS, open fds and directory sizes from `/proc`.
 //! - [`rng`]: a seeded PRNG whose seed is printed, for reproducible chaos.
 //! - [`server`]: the bind/thread/accept-loop skeleton the test upstreams share.
-//! - `failing_store.rs` (included by path, not declared here): a `Store` wrapper that fails on demand.
+//! - [`in_process`]: a `Proxy` served in the test's own runtime over a store of the test's choosing
+//!   (e.g. `idemproxy::store::testing::failing::FailingStore`).
 //!
 //! Every wait in here is bounded; nothing sleeps where an event can be awaited.
 
@@ -24,6 +25,7 @@
 
 pub mod chaos;
 pub mod client;
+pub mod in_process;
 pub mod keyed;
 pub mod metrics;
 pub mod procstat;

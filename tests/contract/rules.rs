@@ -1,4 +1,10 @@
-//! One test per rule of the contract's HTTP semantics and limits.
+//! One test per rule of the contract's HTTP semantics and limits: rule 1 here, the others by theme in
+//! `rules/` (keys and their lifetime, replays and failures, routing and headers, limits).
+
+mod keys;
+mod limits;
+mod replay;
+mod routing;
 
 use http::StatusCode;
 use idemproxy::metrics::Outcome;

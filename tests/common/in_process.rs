@@ -2,13 +2,10 @@
 //! [`FailingStore`]), in the test's own runtime, exactly as `idemproxy run` would (same handler, same
 //! `server::serve`), minus the admin listener and the sweeper.
 
-#![allow(dead_code, unreachable_pub)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use idemproxy::store::testing::failing::{FailingStore, Op};
 use idemproxy::{
     app::ProxyHandler,
     config::{Config, Overrides},
