@@ -11,8 +11,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use idemproxy::{
     clock::SystemClock,
-    config::{FingerprintMode, SyncPolicy},
-    key::{fingerprint, IdempotencyKey, StoreKey},
+    config::SyncPolicy,
+    key::{fingerprint, FingerprintMode, IdempotencyKey, StoreKey},
     store::{memory::MemoryStore, record::Record, sled::open_default, Completed, NewResult, Store},
 };
 

@@ -172,7 +172,7 @@ pub fn render() -> String {
 
 /// Folds the histogram samples recorded since the last call into their buckets. The exporter keeps
 /// raw samples until then: without this, a proxy that nobody scrapes would keep ~8 bytes per timed
-/// operation forever. The app calls it on every sweeper tick; a scrape calls it too.
+/// operation forever. The app calls it every `sweep_interval`; a scrape calls it too.
 pub fn upkeep() {
     if let Some(h) = install() {
         h.run_upkeep();

@@ -10,8 +10,9 @@ use std::{collections::BTreeMap, path::Path};
 
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
-    &["body", "clock", "config", "metrics", "pem", "telemetry"],
-    &["key", "upstream"],
+    &["body", "clock", "key", "metrics", "pem", "telemetry"],
+    &["config"],
+    &["upstream"],
     &["store"],
     &["proxy"],
     &["server"],

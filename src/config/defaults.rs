@@ -68,5 +68,3 @@ pub const DEFAULT_RELEASE_STATUSES: [u16; 7] = [401, 403, 408, 429, 502, 503, 50
 pub const DEFAULT_DUPLICATE_STATUS: u16 = 200;
 /// Name of the rule set used by requests that match no `[[routes]]` entry.
 pub const DEFAULT_ROUTE_NAME: &str = "default";
-/// Longest client key accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 255;

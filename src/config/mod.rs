@@ -14,6 +14,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use http::{HeaderName, Method, StatusCode, Uri};
 
+use crate::key::{FingerprintMode, KeySource};
+
 pub use validate::parse_size;
 
 /// One problem in a config, with its TOML path (0-based indices: `routes[1].ttl`).
@@ -250,17 +252,6 @@ pub struct Rule {
     pub on_store_error: StoreErrorMode,
 }
 
-/// `key = …`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    /// The key header.
-    Header,
-    /// SHA-256 of the request (method, path, fingerprint headers, body).
-    Fingerprint,
-    /// A field of a JSON body, by RFC 6901 pointer.
-    Json(String),
-}
-
 /// `on_in_flight = …`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InFlightMode {
@@ -268,17 +259,6 @@ pub enum InFlightMode {
     Reject,
     /// Wait for the first to finish, then replay.
     Wait,
-}
-
-/// `fingerprint = …`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FingerprintMode {
-    /// Body bytes as sent.
-    Raw,
-    /// Canonical JSON (key order and whitespace ignored); raw bytes when the body is not JSON.
-    Json,
-    /// No mismatch check.
-    None,
 }
 
 /// `on_store_error = …`.

@@ -1,6 +1,6 @@
 //! The config's schema, declared once: every key of the file with its type, its default, its bounds and
 //! what it means. The values themselves are the constants of [`defaults`](super::defaults) and
-//! [`bounds`](super::bounds), named here, not repeated.
+//! [`bounds`], named here, not repeated.
 //!
 //! What reads it:
 //! - the validator: a key it reads that is not declared here is a bug (checked by a debug assertion

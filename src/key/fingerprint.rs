@@ -8,8 +8,7 @@
 use http::{HeaderMap, HeaderName, Method};
 use sha2::{Digest, Sha256};
 
-use super::{canonical_json, put};
-use crate::config::FingerprintMode;
+use super::{canonical_json, put, FingerprintMode};
 
 /// A request digest; all zeros means "not checked" (`fingerprint = "none"`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -6,6 +6,9 @@
 //! - A [`StoreKey`] is two SHA-256 digests: one of (route name, client key), one of the scope header
 //!   values. Raw keys and credentials never reach the store; tenants never share a record; and every
 //!   record of one (route, key) shares a prefix, so the admin API can list them across scopes.
+//!
+//! The module depends on no other of this crate: the config's `key` and `fingerprint` settings are
+//! this module's own [`KeySource`] and [`FingerprintMode`].
 
 mod fingerprint;
 mod json;
@@ -19,7 +22,30 @@ use sha2::{Digest, Sha256};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use json::{canonical_json, json_pointer_key, JsonKeyError};
 
-use crate::config::defaults::MAX_KEY_LEN;
+/// Longest client key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Where a route takes its keys from (`key = …` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The key header.
+    Header,
+    /// SHA-256 of the request (method, path, fingerprint headers, body).
+    Fingerprint,
+    /// A field of a JSON body, by RFC 6901 pointer.
+    Json(String),
+}
+
+/// What a fingerprint covers of the body (`fingerprint = …` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FingerprintMode {
+    /// Body bytes as sent.
+    Raw,
+    /// Canonical JSON (key order and whitespace ignored); raw bytes when the body is not JSON.
+    Json,
+    /// No mismatch check.
+    None,
+}
 
 /// A validated client key.
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use http::request::Parts;
 
 use super::{error::ProxyError, rules::RouteRules};
-use crate::{
-    config::{FingerprintMode, KeySource},
-    key::{fingerprint, json_pointer_key, path::key_form, Fingerprint, IdempotencyKey, StoreKey},
+use crate::key::{
+    fingerprint, json_pointer_key, path::key_form, Fingerprint, FingerprintMode, IdempotencyKey,
+    KeySource, StoreKey,
 };
 
 /// A request under rules, with its key derived, before the claim.

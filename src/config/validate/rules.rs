@@ -9,8 +9,9 @@ use crate::config::{
     bounds,
     defaults::*,
     file::{Problems, Section},
-    FingerprintMode, InFlightMode, KeySource, Rule, StoreErrorMode,
+    InFlightMode, Rule, StoreErrorMode,
 };
+use crate::key::{FingerprintMode, KeySource};
 
 /// A rule section as written: `None` where the file says nothing (so routes inherit).
 #[derive(Debug, Default)]

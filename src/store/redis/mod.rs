@@ -45,7 +45,7 @@
 //! Every key carries a native expiry as a safety net, so Redis memory stays bounded even if no proxy
 //! ever looks at a key again: a completed record expires with its TTL, an in-flight one `lease + margin`
 //! after its last renewal, the index when its longest-lived record does. The scripts still compare `d`
-//! and `e` with the server's now, so nothing lapsed is ever acted on; [`Store::sweep`] has nothing to do.
+//! and `e` with the server's now, so nothing lapsed is ever acted on; [`StoreUpkeep::sweep`](crate::store::StoreUpkeep::sweep) has nothing to do.
 //!
 //! # Live owners
 //! A claim's owner renews its lease every `lease / 3` (a task per claim, started by `claim`, stopped by
