@@ -1,4 +1,5 @@
-//! The "derive key" phase: from a buffered request under rules, its store key (scoped by route, headers
+//! The "read body" and "derive key" phases: a request under rules is buffered (413 over
+//! `max_request_body`), then from the buffered request come its store key (scoped by route, headers
 //! and cookies) and its fingerprint (contract rules 1–3, 11, 13).
 //!
 //! The fingerprint sees the normalized path and the query as sent. With `key = "fingerprint"` the
@@ -11,7 +12,10 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use http::request::Parts;
 
-use super::{error::ProxyError, rules::RouteRules};
+use http::Request;
+
+use super::{error::ProxyError, rules::RouteRules, Live};
+use crate::body::{buffer_request, BufferError, RequestBody};
 use crate::key::{
     fingerprint, json_pointer_key, path::key_form, Fingerprint, FingerprintMode, IdempotencyKey,
     KeySource, StoreKey,
@@ -105,4 +109,18 @@ pub(super) fn derive_key(
         parts,
         body,
     }))
+}
+
+/// Phase 3a: buffers the body of a request under rules (413 over `max_request_body`).
+pub(super) async fn read_body<B: RequestBody>(
+    live: &Live,
+    req: Request<B>,
+) -> Result<(Parts, Bytes), ProxyError> {
+    let (parts, body) = req.into_parts();
+    let limit = live.limits.max_request_body;
+    match buffer_request(&parts.headers, body, limit).await {
+        Ok(b) => Ok((parts, b)),
+        Err(BufferError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
+        Err(BufferError::Read(e)) => Err(ProxyError::BadRequestBody(e)),
+    }
 }

@@ -2,15 +2,19 @@
 //! inline, in the request's own task (no task spawn, no channel, no cross-task wake on the hot
 //! path), and what is left of them moves to a tracked task of its own only if the request goes away
 //! first — the client disconnected, or the request's deadline fired. Shutdown waits for both kinds
-//! (the inline one holds a tracker token).
+//! (the inline one holds a tracker token). An [`AbandonGuard`] covers the one way such work can end
+//! without settling its claim: a panic.
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
+
+use crate::store::Store;
 
 /// A future polled inline, detached into `tasks` if dropped before it completes.
 pub(super) struct Detachable<F: Future + Send + 'static>
@@ -64,6 +68,22 @@ where
                 let _token = token;
                 fut.await;
             });
+        }
+    }
+}
+
+/// Abandons a claim whose task ended without completing or releasing it (a panic): the lease then
+/// bounds how long the key stays blocked, exactly as if the process had died.
+pub(super) struct AbandonGuard {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) token: u64,
+    pub(super) armed: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.abandon(self.token);
         }
     }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::{full, Body};
+use crate::metrics::Outcome;
 use crate::{
     key::{path::PathError, JsonKeyError, KeyError},
     store::StoreError,
@@ -203,6 +204,20 @@ impl ProxyError {
             h.insert(header::RETRY_AFTER, HeaderValue::from(d.as_secs().max(1)));
         }
         resp
+    }
+
+    /// The metrics outcome of a request that ended in this error (errors of claimed requests are
+    /// settled, and counted, in `flow`).
+    pub(crate) fn outcome(&self) -> Outcome {
+        match self {
+            Self::FingerprintMismatch => Outcome::Mismatch,
+            Self::InFlight { .. } => Outcome::Conflict,
+            Self::RequestTimeout(_) => Outcome::RequestTimeout,
+            Self::UpstreamTimeout => Outcome::UpstreamTimeout,
+            Self::StoreUnavailable(_) => Outcome::StoreUnavailable,
+            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => Outcome::Passthrough,
+            _ => Outcome::Rejected,
+        }
     }
 }
 

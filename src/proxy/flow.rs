@@ -5,7 +5,7 @@
 //!    [`Progress`] tells whose fault a timeout is: 408 body, 503 store, 409 waiting, 504 upstream.
 //! 2. [`Proxy::run`]: methods or routes not under rules → `Live::pass_through` (streamed, nothing
 //!    stored; an `Upgrade` request becomes a tunnel). An `Upgrade` request under rules → 400.
-//! 3. **read body** ([`read_body`], 413 over `max_request_body`) and **derive key**
+//! 3. **read body** (`derive::read_body`, 413 over `max_request_body`) and **derive key**
 //!    (`derive::derive_key`: the store key, scoped by headers and cookies, and the fingerprint).
 //! 4. [`Proxy::claim`]: claimed → 5; completed → replay (or 422); in flight → 409, or wait and claim
 //!    again (or 422); store full → 503 `store-full`; store failed → 503 or forwarded unprotected.
@@ -28,12 +28,12 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{header, request::Parts, HeaderValue, Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use tracing::{field::Empty, Instrument};
 
 use super::{
-    derive::{derive_key, Derived, Keyed},
-    detach::Detachable,
+    derive::{derive_key, read_body, Derived, Keyed},
+    detach::{AbandonGuard, Detachable},
     error::ProxyError,
     forward::into_proxy_error,
     headers::{recordable, strip_hop_by_hop},
@@ -43,15 +43,13 @@ use super::{
     rules::RouteRules,
     shared_replays, upgrade, Answer, Live, Proxy,
 };
-use crate::body::{
-    buffer_request, capture, full, stream, Body, BufferError, Captured, Prefixed, RequestBody,
-};
+use crate::body::{capture, full, stream, Body, Captured, Prefixed, RequestBody};
 use crate::upstream::{ResponseBody, UpstreamError};
 use crate::{
     config::{InFlightMode, Rule},
     key::StoreKey,
     metrics::{InflightGuard, Outcome},
-    store::{ClaimOutcome, Committed, NewResult, Store, StoreError},
+    store::{ClaimOutcome, Committed, NewResult, StoreError},
 };
 
 /// How much earlier than the request's own deadline a claimed exchange gives up (see `forward`).
@@ -96,22 +94,6 @@ enum Forwarded {
     Captured(http::response::Parts, Captured<ResponseBody>, Slot),
     /// Released or recorded as an error: the answer.
     Settled(Answer),
-}
-
-/// Abandons a claim whose task ended without completing or releasing it (a panic): the lease then
-/// bounds how long the key stays blocked, exactly as if the process had died.
-struct AbandonGuard {
-    store: Arc<dyn Store>,
-    token: u64,
-    armed: bool,
-}
-
-impl Drop for AbandonGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            self.store.abandon(self.token);
-        }
-    }
 }
 
 impl Proxy {
@@ -484,20 +466,6 @@ impl Proxy {
             tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not release the key; it frees when its lease ends");
             self.store.abandon(claim.token);
         }
-    }
-}
-
-/// Phase 3a: buffers the body of a request under rules (413 over `max_request_body`).
-async fn read_body<B: RequestBody>(
-    live: &Live,
-    req: Request<B>,
-) -> Result<(Parts, Bytes), ProxyError> {
-    let (parts, body) = req.into_parts();
-    let limit = live.limits.max_request_body;
-    match buffer_request(&parts.headers, body, limit).await {
-        Ok(b) => Ok((parts, b)),
-        Err(BufferError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
-        Err(BufferError::Read(e)) => Err(ProxyError::BadRequestBody(e)),
     }
 }
 

@@ -167,19 +167,3 @@ impl Proxy {
         self.tasks.wait().await;
     }
 }
-
-impl ProxyError {
-    /// The metrics outcome of a request that ended in this error (errors of claimed requests are
-    /// settled, and counted, in `flow`).
-    pub(crate) fn outcome(&self) -> Outcome {
-        match self {
-            Self::FingerprintMismatch => Outcome::Mismatch,
-            Self::InFlight { .. } => Outcome::Conflict,
-            Self::RequestTimeout(_) => Outcome::RequestTimeout,
-            Self::UpstreamTimeout => Outcome::UpstreamTimeout,
-            Self::StoreUnavailable(_) => Outcome::StoreUnavailable,
-            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => Outcome::Passthrough,
-            _ => Outcome::Rejected,
-        }
-    }
-}
