@@ -85,6 +85,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
             let mut opts = RedisOptions::new(url, &config.store.key_prefix);
             // A frozen Redis is a store error within `[store] timeout` (rule 14).
             opts.op_timeout = config.store.timeout;
+            opts.min_replicas = config.store.redis_min_replicas;
             let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
                 path: crate::config::redact_url(url),
                 source,
@@ -398,6 +399,10 @@ pub fn reload(
         ("store.timeout", a.timeout != b.timeout),
         ("store.redis_url", a.redis_url != b.redis_url),
         ("store.key_prefix", a.key_prefix != b.key_prefix),
+        (
+            "store.redis_min_replicas",
+            a.redis_min_replicas != b.redis_min_replicas,
+        ),
     ];
     restart.extend(
         store_keys

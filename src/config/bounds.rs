@@ -106,6 +106,8 @@ pub const MAX_CONCURRENCY: Bounds<u64> = Bounds {
     min: 1,
     max: 1_000_000,
 };
+/// `[store] redis_min_replicas` (0: do not wait for replicas).
+pub const REDIS_MIN_REPLICAS: Bounds<u64> = Bounds { min: 0, max: 16 };
 /// Every count: (TOML key, bounds).
 pub const COUNTS: [(&str, Bounds<u64>); 2] = [
     ("server.max_connections", MAX_CONNECTIONS),

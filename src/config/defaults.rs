@@ -45,6 +45,8 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often `sync = "periodic"` makes writes durable.
 pub const DEFAULT_PERIODIC_FLUSH: Duration = Duration::from_millis(500);
+/// Redis replicas that must acknowledge each write: none (Redis replication stays asynchronous).
+pub const DEFAULT_REDIS_MIN_REPLICAS: u64 = 0;
 /// Key prefix of every Redis key.
 pub const DEFAULT_KEY_PREFIX: &str = "idemproxy:";
 /// Methods under idempotency rules.

@@ -171,6 +171,8 @@ pub struct StoreConfig {
     pub redis_url: Option<String>,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// Redis replicas that must acknowledge every claim and result (`WAIT`) before the proxy acts.
+    pub redis_min_replicas: u32,
     /// Settings of the other backend that were given and are ignored (see [`Config::warnings`]).
     pub warnings: Vec<ConfigError>,
 }

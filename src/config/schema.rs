@@ -131,6 +131,7 @@ pub const KEYS: &[Key] = &[
     key("store.timeout", K::Duration(bounds::STORE_TIMEOUT), D::Duration(DEFAULT_STORE_TIMEOUT), "a store call slower than this is a store error (503 `store-unavailable`)"),
     key("store.redis_url", K::Url, D::None, "Redis backend: `redis://` or `rediss://` URL (see *Several replicas*)"),
     key("store.key_prefix", K::Str, D::Str(DEFAULT_KEY_PREFIX), "Redis backend: prefix of every key"),
+    key("store.redis_min_replicas", K::Count(bounds::REDIS_MIN_REPLICAS), D::Count(DEFAULT_REDIS_MIN_REPLICAS), "Redis backend: replicas that must acknowledge every claim and result (`WAIT`) before the proxy acts on it; fewer within `store.timeout` is a store error (503). See *Several replicas*"),
     key("admin", K::Table, D::None, "health, readiness, metrics and key administration"),
     key("admin.listen", K::Address, D::Str(DEFAULT_ADMIN_LISTEN), "admin listener (health, readiness, metrics, key API)"),
     key("admin.token", K::Str, D::None, "bearer token for `/admin/*` (or `IDEMPROXY_ADMIN_TOKEN`)"),
@@ -395,7 +396,9 @@ mod tests {
             if matches!(k.default, D::None | D::Explained(_)) {
                 continue;
             }
-            let path = if k.path.starts_with("server.tls.") || k.path == "store.key_prefix" {
+            let path = if k.path.starts_with("server.tls.")
+                || matches!(k.path, "store.key_prefix" | "store.redis_min_replicas")
+            {
                 continue; // only with a certificate, or with Redis: checked below
             } else if KEYS.contains(k) {
                 k.path.to_owned()
@@ -488,7 +491,7 @@ mod tests {
             "declared keys refused as unknown: {unknown:?}\n---\n{text}"
         );
         // The Redis-only keys, with the Redis backend.
-        parse("[store]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nkey_prefix = \"p:\"\n");
+        parse("[store]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nkey_prefix = \"p:\"\nredis_min_replicas = 1\n");
     }
 
     #[test]

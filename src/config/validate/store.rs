@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use super::values::{duration, size};
+use super::values::{count, duration, size};
 use crate::config::{
     bounds,
     defaults::*,
@@ -18,7 +18,7 @@ use crate::config::{
 /// Keys only the sled backend reads.
 const SLED_ONLY: [&str; 4] = ["path", "sync", "cache_capacity", "max_size"];
 /// Keys only the Redis backend reads.
-const REDIS_ONLY: [&str; 2] = ["redis_url", "key_prefix"];
+const REDIS_ONLY: [&str; 3] = ["redis_url", "key_prefix", "redis_min_replicas"];
 
 pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Option<StoreConfig> {
     let given: Vec<&str> = SLED_ONLY
@@ -156,6 +156,13 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
     let key_prefix = s
         .take_str("key_prefix", p)
         .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+    let redis_min_replicas = count(
+        &mut s,
+        "redis_min_replicas",
+        DEFAULT_REDIS_MIN_REPLICAS,
+        bounds::REDIS_MIN_REPLICAS,
+        p,
+    );
     s.finish(p);
     Some(StoreConfig {
         backend: backend?,
@@ -167,6 +174,7 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         timeout,
         redis_url,
         key_prefix,
+        redis_min_replicas: u32::try_from(redis_min_replicas?).ok()?,
         warnings,
     })
 }

@@ -1,38 +1,147 @@
-//! The command connection: every operation with its deadline.
+//! The command connections: every operation with its deadline, and writes that wait for replicas.
+//!
+//! With `[store] redis_min_replicas = N > 0`, a script that writes is sent in one pipeline with
+//! `WAIT N ms` on the same connection, so the `WAIT` covers that write; fewer than N replica
+//! acknowledgements is a [`Written::Unacked`] answer, which the operation turns into a store error.
+//! `WAIT` blocks the connection it runs on, so writes then spread over [`ACKED_CONNECTIONS`]
+//! connections instead of one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ::redis::{ErrorKind, ServerErrorKind};
 
 use super::*;
+use scripts::Call;
 
-/// The command connection with the per-operation deadline.
+/// Connections used when writes wait for replicas (a `WAIT` holds its connection until it returns).
+pub(super) const ACKED_CONNECTIONS: usize = 8;
+/// Pause between two tries of a write whose connection broke (a failover in progress).
+const WRITE_RETRY: Duration = Duration::from_millis(50);
+
+/// What a write got from the server.
+#[derive(Debug)]
+pub(super) enum Written {
+    /// The script's answer; with `redis_min_replicas`, acknowledged by that many replicas.
+    Acked(Value),
+    /// The script ran on the primary, but fewer replicas than required acknowledged it in time.
+    Unacked {
+        /// The script's answer.
+        value: Value,
+        /// Replicas that acknowledged.
+        got: i64,
+    },
+}
+
+/// The command connections with the per-operation deadline.
 #[derive(Clone)]
 pub(super) struct Conn {
-    pub(super) manager: ConnectionManager,
+    managers: Arc<[ConnectionManager]>,
+    next: Arc<AtomicUsize>,
     pub(super) op_timeout: Duration,
+    /// `[store] redis_min_replicas`.
+    pub(super) min_replicas: u32,
 }
 
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
+            .field("connections", &self.managers.len())
             .field("op_timeout", &self.op_timeout)
+            .field("min_replicas", &self.min_replicas)
             .finish_non_exhaustive()
     }
 }
 
 impl Conn {
-    pub(super) async fn eval(&self, inv: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let mut c = self.manager.clone();
+    pub(super) fn new(
+        managers: Vec<ConnectionManager>,
+        op_timeout: Duration,
+        min_replicas: u32,
+    ) -> Self {
+        Self {
+            managers: managers.into(),
+            next: Arc::default(),
+            op_timeout,
+            min_replicas,
+        }
+    }
+
+    fn pick(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.managers.len();
+        self.managers[i].clone()
+    }
+
+    /// Runs a script that only reads (or whose writes need no replica), once.
+    pub(super) async fn eval(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        let mut c = self.pick();
         self.bounded(async move {
-            match inv.invoke_async::<Value>(&mut c).await {
+            match run(&mut c, call, None).await {
                 // Refused: nothing was sent and the manager has started to reconnect; once Redis is
                 // back, the first request after an outage should not be the one that fails.
-                Err(e) if e.is_connection_refusal() => inv.invoke_async::<Value>(&mut c).await,
+                Err(e) if e.is_connection_refusal() => run(&mut c, call, None).await,
                 r => r,
             }
         })
         .await
+        .map(|(v, _)| v)
+    }
+
+    /// Runs a script that writes, followed by `WAIT` when replicas must acknowledge it. Tried once
+    /// (again only if the connection was refused: nothing was sent).
+    pub(super) async fn write(&self, call: &Call<'_>) -> Result<Written, StoreError> {
+        let mut c = self.pick();
+        let wait = self.wait();
+        let (value, acks) = self
+            .bounded(async move {
+                match run(&mut c, call, wait).await {
+                    Err(e) if e.is_connection_refusal() => run(&mut c, call, wait).await,
+                    r => r,
+                }
+            })
+            .await?;
+        Ok(self.judge(value, acks))
+    }
+
+    /// Like [`Conn::write`], for a write that may run twice (its script checks the fencing token, so
+    /// a second run after a first one whose answer was lost changes nothing): tried again on a broken
+    /// connection until the operation's deadline, so that a write under way when the primary fails
+    /// over lands on the promoted one.
+    pub(super) async fn write_retrying(&self, call: &Call<'_>) -> Result<Written, StoreError> {
+        let wait = self.wait();
+        let managers = Arc::clone(&self.managers);
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let (value, acks) = self
+            .bounded(async move {
+                let mut attempt = 0;
+                loop {
+                    let mut c = managers[(first + attempt) % managers.len()].clone();
+                    match run(&mut c, call, wait).await {
+                        Err(e) if broken(&e) => {
+                            attempt += 1;
+                            tokio::time::sleep(WRITE_RETRY).await;
+                        }
+                        r => return r,
+                    }
+                }
+            })
+            .await?;
+        Ok(self.judge(value, acks))
+    }
+
+    /// `(replicas, ms)` for `WAIT`: leaves a quarter of the deadline to get the answer back.
+    fn wait(&self) -> Option<(u32, u64)> {
+        (self.min_replicas > 0).then(|| (self.min_replicas, ms(self.op_timeout * 3 / 4).max(1)))
+    }
+
+    fn judge(&self, value: Value, acks: Option<i64>) -> Written {
+        match acks {
+            Some(got) if got < i64::from(self.min_replicas) => Written::Unacked { value, got },
+            _ => Written::Acked(value),
+        }
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.manager.clone();
+        let mut c = self.pick();
         self.bounded(async move {
             let ping = ::redis::cmd("PING");
             match ping.query_async::<Value>(&mut c).await {
@@ -54,6 +163,57 @@ impl Conn {
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.op_timeout),
             ))),
+        }
+    }
+
+    /// The store error of a write that replicas did not acknowledge.
+    pub(super) fn unacked(&self, got: i64) -> StoreError {
+        other_err(format!(
+            "the write reached the primary, but {got} of the {} replicas required \
+             (redis_min_replicas) acknowledged it within {:?}",
+            self.min_replicas,
+            self.op_timeout * 3 / 4
+        ))
+    }
+}
+
+/// The connection broke (or was refused) under a command: worth trying again on a new one.
+fn broken(e: &RedisError) -> bool {
+    e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_io_error()
+        || e.is_timeout()
+        || matches!(e.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly))
+}
+
+/// `EVALSHA` (loading the script first if the server lost it), then `WAIT` in the same pipeline
+/// when `wait` says so: the script's answer, and the replicas that acknowledged.
+async fn run(
+    c: &mut ConnectionManager,
+    call: &Call<'_>,
+    wait: Option<(u32, u64)>,
+) -> Result<(Value, Option<i64>), RedisError> {
+    match once(c, call, wait).await {
+        Err(e) if matches!(e.kind(), ErrorKind::Server(ServerErrorKind::NoScript)) => {
+            call.load().query_async::<Value>(c).await?;
+            once(c, call, wait).await
+        }
+        r => r,
+    }
+}
+
+async fn once(
+    c: &mut ConnectionManager,
+    call: &Call<'_>,
+    wait: Option<(u32, u64)>,
+) -> Result<(Value, Option<i64>), RedisError> {
+    match wait {
+        None => Ok((call.evalsha().query_async::<Value>(c).await?, None)),
+        Some((n, ms)) => {
+            let mut p = ::redis::pipe();
+            p.add_command(call.evalsha()).cmd("WAIT").arg(n).arg(ms);
+            let (v, acks): (Value, i64) = p.query_async(c).await?;
+            Ok((v, Some(acks)))
         }
     }
 }

@@ -66,6 +66,14 @@
 //! timeouts, and every operation has a deadline: with Redis down, operations fail fast with
 //! [`StoreError::Backend`] (`backend = "redis"`), and recover without a restart once it is back.
 //! Durability is Redis's own (`appendonly`/`appendfsync`): `flush` has nothing to add.
+//!
+//! # Replica acknowledgements
+//! With `redis_min_replicas = N > 0`, every write (claim, complete, release, renew, purge, tokens) goes
+//! in one pipeline with `WAIT N` on the same connection (see `conn`), and a write fewer than N replicas
+//! acknowledged is a store error; an unacknowledged claim is released again. `complete` and `release`
+//! are sent again when their connection breaks under them, until the operation's deadline: their
+//! scripts check the fencing token, so a second run changes nothing, and a write under way during a
+//! failover lands on the promoted primary.
 
 use std::{collections::HashMap, convert::Infallible, fmt, sync::Arc, time::Duration};
 
@@ -73,8 +81,7 @@ use parking_lot::Mutex;
 
 use ::redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisError, ScriptInvocation,
-    Value,
+    Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisError, Value,
 };
 use async_trait::async_trait;
 use tokio::{
@@ -101,7 +108,7 @@ mod scripts;
 #[cfg(test)]
 mod tests;
 
-use conn::Conn;
+use conn::{Conn, Written};
 use names::Names;
 use pubsub::{on_push, subscribe_loop};
 use reply::*;
@@ -140,6 +147,8 @@ pub struct RedisOptions {
     pub op_timeout: Duration,
     /// How long an in-flight record outlives its lease deadline in Redis.
     pub expiry_margin: Duration,
+    /// Replicas that must acknowledge every write (`WAIT`) before the proxy acts on it.
+    pub min_replicas: u32,
 }
 
 impl RedisOptions {
@@ -152,6 +161,7 @@ impl RedisOptions {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             op_timeout: DEFAULT_OP_TIMEOUT,
             expiry_margin: DEFAULT_EXPIRY_MARGIN,
+            min_replicas: 0,
         }
     }
 }
@@ -265,8 +275,16 @@ impl RedisStore {
             // One attempt per reconnect: callers fail fast and the next operation tries again.
             .set_number_of_retries(0);
         let client = Client::open(info.clone()).map_err(backend_err)?;
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, config.clone()).map_err(backend_err)?;
+        // A `WAIT` holds its connection until replicas answer: then writes spread over several.
+        let connections = if opts.min_replicas > 0 {
+            conn::ACKED_CONNECTIONS
+        } else {
+            1
+        };
+        let managers = (0..connections)
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend_err)?;
 
         let names = Names {
             prefix: opts.key_prefix.clone(),
@@ -300,10 +318,7 @@ impl RedisStore {
         ));
         Ok(Self {
             inner: Arc::new(Inner {
-                conn: Conn {
-                    manager,
-                    op_timeout: opts.op_timeout,
-                },
+                conn: Conn::new(managers, opts.op_timeout, opts.min_replicas),
                 names,
                 scripts: Arc::new(Scripts::new(strict)),
                 tokens: tokio::sync::Mutex::default(),

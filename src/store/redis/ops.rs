@@ -20,7 +20,7 @@ impl RedisStore {
         for _ in 0..3 {
             let token = s.token(floor).await?;
             let live = s.live_token(key).map(|t| t.to_string()).unwrap_or_default();
-            let mut inv = s.scripts.claim.prepare_invoke();
+            let mut inv = s.scripts.claim.call();
             inv.key(&record_key)
                 .key(&index)
                 .arg(ms(lease).max(1))
@@ -30,9 +30,19 @@ impl RedisStore {
                 .arg(&scope)
                 .arg(&fp.0[..])
                 .arg(ms(s.expiry_margin));
-            let reply = strings(s.conn.eval(&inv).await?)?;
+            let (reply, unacked) = match s.conn.write(&inv).await? {
+                Written::Acked(v) => (strings(v)?, None),
+                Written::Unacked { value, got } => (strings(value)?, Some(got)),
+            };
             match reply.first().map(Vec::as_slice) {
                 Some(b"claimed") => {
+                    if let Some(got) = unacked {
+                        // Not acknowledged by enough replicas: a failover could lose it, so the proxy
+                        // must not act on it. Freed again where possible (else it lapses at its
+                        // deadline).
+                        let _ = s.release_token(key, token).await;
+                        return Err(s.conn.unacked(got));
+                    }
                     s.own(key, token, lease);
                     return Ok(ClaimOutcome::Claimed { token });
                 }
@@ -56,6 +66,35 @@ impl RedisStore {
         Err(other_err(
             "no fencing token above the lapsed claim's could be drawn".into(),
         ))
+    }
+}
+
+impl Inner {
+    /// Frees `key` if `token` still holds it (see `Store::release`).
+    pub(super) async fn release_token(
+        &self,
+        key: &StoreKey,
+        token: u64,
+    ) -> Result<Committed, StoreError> {
+        let mut inv = self.scripts.release.call();
+        inv.key(self.names.record(key))
+            .key(self.names.index(&key.id))
+            .arg(token)
+            .arg(hex::encode(key.scope))
+            .arg(self.names.channel(key));
+        if int(acked(&self.conn, self.conn.write_retrying(&inv).await?)?)? != 1 {
+            return Ok(Committed::Stale);
+        }
+        self.watchers.notify(key);
+        Ok(Committed::Done)
+    }
+}
+
+/// The answer of a write that had to be acknowledged by replicas, or the store error it is.
+fn acked(conn: &Conn, w: Written) -> Result<Value, StoreError> {
+    match w {
+        Written::Acked(v) => Ok(v),
+        Written::Unacked { got, .. } => Err(conn.unacked(got)),
     }
 }
 
@@ -104,7 +143,7 @@ impl Store for RedisStore {
             seen_only: result.seen_only,
         })
         .encode();
-        let mut inv = s.scripts.complete.prepare_invoke();
+        let mut inv = s.scripts.complete.call();
         inv.key(s.names.record(key))
             .key(s.names.index(&key.id))
             .arg(token)
@@ -113,7 +152,7 @@ impl Store for RedisStore {
             .arg(response)
             .arg(hex::encode(key.scope))
             .arg(s.names.channel(key));
-        if int(s.conn.eval(&inv).await?)? != 1 {
+        if int(acked(&s.conn, s.conn.write_retrying(&inv).await?)?)? != 1 {
             return Ok(Committed::Stale);
         }
         // Waiters in this process need not wait for the round trip through pub/sub.
@@ -124,17 +163,7 @@ impl Store for RedisStore {
     async fn release(&self, key: &StoreKey, token: u64) -> Result<Committed, StoreError> {
         let s = &*self.inner;
         s.disown(token);
-        let mut inv = s.scripts.release.prepare_invoke();
-        inv.key(s.names.record(key))
-            .key(s.names.index(&key.id))
-            .arg(token)
-            .arg(hex::encode(key.scope))
-            .arg(s.names.channel(key));
-        if int(s.conn.eval(&inv).await?)? != 1 {
-            return Ok(Committed::Stale);
-        }
-        s.watchers.notify(key);
-        Ok(Committed::Done)
+        s.release_token(key, token).await
     }
 
     fn watch(&self, key: &StoreKey) -> KeyWatch {
@@ -151,7 +180,7 @@ impl Store for RedisStore {
 impl StoreAdmin for RedisStore {
     async fn lookup(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let s = &*self.inner;
-        let mut inv = s.scripts.lookup.prepare_invoke();
+        let mut inv = s.scripts.lookup.call();
         inv.key(s.names.record(key)).arg(s.pin());
         let reply = strings(s.conn.eval(&inv).await?)?;
         if reply.len() != 9 {
@@ -164,7 +193,7 @@ impl StoreAdmin for RedisStore {
 
     async fn list(&self, id: &[u8; 32]) -> Result<Vec<(StoreKey, Record)>, StoreError> {
         let s = &*self.inner;
-        let mut inv = s.scripts.list.prepare_invoke();
+        let mut inv = s.scripts.list.call();
         inv.key(s.names.index(id))
             .arg(s.pin())
             .arg(s.names.record_prefix(id));
@@ -196,11 +225,11 @@ impl StoreAdmin for RedisStore {
 
     async fn purge(&self, id: &[u8; 32]) -> Result<u64, StoreError> {
         let s = &*self.inner;
-        let mut inv = s.scripts.purge.prepare_invoke();
+        let mut inv = s.scripts.purge.call();
         inv.key(s.names.index(id))
             .arg(s.names.record_prefix(id))
             .arg(s.names.channel_prefix(id));
-        let scopes = strings(s.conn.eval(&inv).await?)?;
+        let scopes = strings(acked(&s.conn, s.conn.write(&inv).await?)?)?;
         for scope in &scopes {
             let mut key = StoreKey {
                 id: *id,

@@ -12,11 +12,14 @@ impl Inner {
     pub(super) async fn token(&self, floor: u64) -> Result<u64, StoreError> {
         let mut t = self.tokens.lock().await;
         if t.next == 0 || t.next > t.last || t.next <= floor {
-            let mut inv = self.scripts.tokens.prepare_invoke();
+            let mut inv = self.scripts.tokens.call();
             inv.key(self.names.tokens())
                 .arg(TOKEN_BLOCK)
                 .arg(floor.max(t.high));
-            let last = num(&bytes(self.conn.eval(&inv).await?)?)?;
+            let last = match self.conn.write(&inv).await? {
+                Written::Acked(v) => num(&bytes(v)?)?,
+                Written::Unacked { got, .. } => return Err(self.conn.unacked(got)),
+            };
             t.next = last.saturating_sub(TOKEN_BLOCK) + 1;
             t.last = last;
         }
@@ -70,14 +73,18 @@ impl Renewal {
         let every = (self.lease / 3).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
-            let mut inv = self.scripts.renew.prepare_invoke();
+            let mut inv = self.scripts.renew.call();
             inv.key(&self.record)
                 .key(&self.index)
                 .arg(self.token)
                 .arg(ms(self.lease))
                 .arg(pin_arg(self.pin.as_ref()))
                 .arg(self.margin_ms);
-            match self.conn.eval(&inv).await.and_then(int) {
+            let written = self.conn.write(&inv).await.and_then(|w| match w {
+                Written::Acked(v) => int(v),
+                Written::Unacked { got, .. } => Err(self.conn.unacked(got)),
+            });
+            match written {
                 Ok(1) => {}
                 Ok(_) => {
                     tracing::debug!(
