@@ -2,6 +2,7 @@
 # Runs every test: unit, store conformance and model-based tests (memory, sled, Redis), and the
 # real-binary integration tests. Some tests need real parts, never mocks:
 # - the Redis tests start their own redis-server on 127.0.0.1 (Debian's redis-server);
+# - the key-affinity test runs Debian's nginx in front of two proxies;
 # - the full-disk tests mount a small tmpfs (root);
 # - the power-loss test runs the data dir on a FUSE file system that drops unsynced writes
 #   (tests/support/lazyfs.py: python3 with fusepy, libfuse2, fuse3, /dev/fuse).
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2' || need_apt+=(libfuse2)
 if [ "${#need_apt[@]}" -gt 0 ]; then
