@@ -80,12 +80,18 @@ impl Handler for ProxyHandler {
 fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     match config.store.backend {
         Backend::Redis => {
-            // Validation guarantees a URL with backend = "redis".
-            let url = config.store.redis_url.as_deref().unwrap_or_default();
+            // Validation guarantees a URL or cluster seed nodes with backend = "redis".
+            let url = config
+                .store
+                .redis_url
+                .as_deref()
+                .or(config.store.redis_cluster.first().map(String::as_str))
+                .unwrap_or_default();
             let mut opts = RedisOptions::new(url, &config.store.key_prefix);
             // A frozen Redis is a store error within `[store] timeout` (rule 14).
             opts.op_timeout = config.store.timeout;
             opts.min_replicas = config.store.redis_min_replicas;
+            opts.cluster = config.store.redis_cluster.clone();
             let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
                 path: crate::config::redact_url(url),
                 source,
@@ -398,6 +404,7 @@ pub fn reload(
         ("store.max_size", a.max_size != b.max_size),
         ("store.timeout", a.timeout != b.timeout),
         ("store.redis_url", a.redis_url != b.redis_url),
+        ("store.redis_cluster", a.redis_cluster != b.redis_cluster),
         ("store.key_prefix", a.key_prefix != b.key_prefix),
         (
             "store.redis_min_replicas",

@@ -97,7 +97,10 @@ impl Drop for Nginx {
 
 /// The recipe with the replicas' addresses and a listen port of the test's.
 fn recipe(a: SocketAddr, b: SocketAddr, port: u16, hashed: bool) -> String {
-    assert!(RECIPE.contains(HASH_LINE), "the recipe no longer hashes on the key");
+    assert!(
+        RECIPE.contains(HASH_LINE),
+        "the recipe no longer hashes on the key"
+    );
     let text = RECIPE
         .replace("idemproxy-a:8080", &a.to_string())
         .replace("idemproxy-b:8080", &b.to_string())

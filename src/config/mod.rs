@@ -169,6 +169,8 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// Redis URL (`redis://` or `rediss://`).
     pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes (instead of `redis_url`).
+    pub redis_cluster: Vec<String>,
     /// Prefix of every Redis key.
     pub key_prefix: String,
     /// Redis replicas that must acknowledge every claim and result (`WAIT`) before the proxy acts.

@@ -18,7 +18,12 @@ use crate::config::{
 /// Keys only the sled backend reads.
 const SLED_ONLY: [&str; 4] = ["path", "sync", "cache_capacity", "max_size"];
 /// Keys only the Redis backend reads.
-const REDIS_ONLY: [&str; 3] = ["redis_url", "key_prefix", "redis_min_replicas"];
+const REDIS_ONLY: [&str; 4] = [
+    "redis_url",
+    "redis_cluster",
+    "key_prefix",
+    "redis_min_replicas",
+];
 
 pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Option<StoreConfig> {
     let given: Vec<&str> = SLED_ONLY
@@ -29,6 +34,15 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         .collect();
     let explicit = s.take_str("backend", p);
     let redis_url = s.take_str("redis_url", p);
+    let redis_cluster = s.take_str_list("redis_cluster", p).unwrap_or_default();
+    if redis_url.is_some() && !redis_cluster.is_empty() {
+        p.push(
+            s.path_of("redis_cluster"),
+            "conflicts with store.redis_url: one endpoint or cluster seed nodes, not both",
+        );
+    }
+    // Cluster seed nodes select Redis as a URL does.
+    let redis_url = redis_url.or_else(|| redis_cluster.first().cloned());
     let url_source = if o.redis_url.is_some() {
         " (from --redis-url or IDEMPROXY_REDIS_URL)"
     } else {
@@ -62,17 +76,30 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
             None
         }
     };
-    if let Some(u) = &redis_url {
+    let urls: Vec<(String, &String)> = if redis_cluster.is_empty() {
+        redis_url
+            .iter()
+            .map(|u| (s.path_of("redis_url"), u))
+            .collect()
+    } else {
+        let base = s.path_of("redis_cluster");
+        redis_cluster
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("{base}[{i}]"), u))
+            .collect()
+    };
+    for (path, u) in urls {
         use redis::IntoConnectionInfo;
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
             p.push(
-                s.path_of("redis_url"),
+                path,
                 format!("\"{}\": expected redis:// or rediss://", redact_url(u)),
             );
         } else if let Err(e) = u.as_str().into_connection_info() {
             // What `run` would refuse when it connects, refused here (and by `check`) with exit 2.
             p.push(
-                s.path_of("redis_url"),
+                path,
                 format!(
                     "\"{}\": {}",
                     redact_url(u),
@@ -172,7 +199,12 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         sweep_interval,
         max_size: max_size?,
         timeout,
-        redis_url,
+        redis_url: if redis_cluster.is_empty() {
+            redis_url
+        } else {
+            None
+        },
+        redis_cluster,
         key_prefix,
         redis_min_replicas: u32::try_from(redis_min_replicas?).ok()?,
         warnings,

@@ -4,13 +4,15 @@
 //! `WAIT N ms` on the same connection, so the `WAIT` covers that write; fewer than N replica
 //! acknowledgements is a [`Written::Unacked`] answer, which the operation turns into a store error.
 //! `WAIT` blocks the connection it runs on, so writes then spread over [`ACKED_CONNECTIONS`]
-//! connections instead of one.
+//! connections instead of one. (In a cluster, the pipeline goes to the primary of the script's key,
+//! and `WAIT` counts that primary's replicas.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ::redis::{ErrorKind, ServerErrorKind};
 
 use super::*;
+use link::{AnyConn, Link};
 use scripts::Call;
 
 /// Connections used when writes wait for replicas (a `WAIT` holds its connection until it returns).
@@ -35,7 +37,7 @@ pub(super) enum Written {
 /// The command connections with the per-operation deadline.
 #[derive(Clone)]
 pub(super) struct Conn {
-    managers: Arc<[ConnectionManager]>,
+    link: Link,
     next: Arc<AtomicUsize>,
     pub(super) op_timeout: Duration,
     /// `[store] redis_min_replicas`.
@@ -45,7 +47,7 @@ pub(super) struct Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
-            .field("connections", &self.managers.len())
+            .field("connections", &self.link.len())
             .field("op_timeout", &self.op_timeout)
             .field("min_replicas", &self.min_replicas)
             .finish_non_exhaustive()
@@ -53,28 +55,24 @@ impl fmt::Debug for Conn {
 }
 
 impl Conn {
-    pub(super) fn new(
-        managers: Vec<ConnectionManager>,
-        op_timeout: Duration,
-        min_replicas: u32,
-    ) -> Self {
+    pub(super) fn new(link: Link, op_timeout: Duration, min_replicas: u32) -> Self {
         Self {
-            managers: managers.into(),
+            link,
             next: Arc::default(),
             op_timeout,
             min_replicas,
         }
     }
 
-    fn pick(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.managers.len();
-        self.managers[i].clone()
+    fn turn(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Runs a script that only reads (or whose writes need no replica), once.
     pub(super) async fn eval(&self, call: &Call<'_>) -> Result<Value, StoreError> {
-        let mut c = self.pick();
+        let (link, n) = (&self.link, self.turn());
         self.bounded(async move {
+            let mut c = link.get(n).await?;
             match run(&mut c, call, None).await {
                 // Refused: nothing was sent and the manager has started to reconnect; once Redis is
                 // back, the first request after an outage should not be the one that fails.
@@ -89,10 +87,11 @@ impl Conn {
     /// Runs a script that writes, followed by `WAIT` when replicas must acknowledge it. Tried once
     /// (again only if the connection was refused: nothing was sent).
     pub(super) async fn write(&self, call: &Call<'_>) -> Result<Written, StoreError> {
-        let mut c = self.pick();
+        let (link, n) = (&self.link, self.turn());
         let wait = self.wait();
         let (value, acks) = self
             .bounded(async move {
+                let mut c = link.get(n).await?;
                 match run(&mut c, call, wait).await {
                     Err(e) if e.is_connection_refusal() => run(&mut c, call, wait).await,
                     r => r,
@@ -108,14 +107,16 @@ impl Conn {
     /// over lands on the promoted one.
     pub(super) async fn write_retrying(&self, call: &Call<'_>) -> Result<Written, StoreError> {
         let wait = self.wait();
-        let managers = Arc::clone(&self.managers);
-        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let (link, first) = (&self.link, self.turn());
         let (value, acks) = self
             .bounded(async move {
                 let mut attempt = 0;
                 loop {
-                    let mut c = managers[(first + attempt) % managers.len()].clone();
-                    match run(&mut c, call, wait).await {
+                    let tried = match link.get(first + attempt).await {
+                        Ok(mut c) => run(&mut c, call, wait).await,
+                        Err(e) => Err(e),
+                    };
+                    match tried {
                         Err(e) if broken(&e) => {
                             attempt += 1;
                             tokio::time::sleep(WRITE_RETRY).await;
@@ -141,8 +142,9 @@ impl Conn {
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.pick();
+        let (link, n) = (&self.link, self.turn());
         self.bounded(async move {
+            let mut c = link.get(n).await?;
             let ping = ::redis::cmd("PING");
             match ping.query_async::<Value>(&mut c).await {
                 Err(e) if e.is_connection_refusal() => ping.query_async::<Value>(&mut c).await,
@@ -189,7 +191,7 @@ fn broken(e: &RedisError) -> bool {
 /// `EVALSHA` (loading the script first if the server lost it), then `WAIT` in the same pipeline
 /// when `wait` says so: the script's answer, and the replicas that acknowledged.
 async fn run(
-    c: &mut ConnectionManager,
+    c: &mut AnyConn,
     call: &Call<'_>,
     wait: Option<(u32, u64)>,
 ) -> Result<(Value, Option<i64>), RedisError> {
@@ -203,7 +205,7 @@ async fn run(
 }
 
 async fn once(
-    c: &mut ConnectionManager,
+    c: &mut AnyConn,
     call: &Call<'_>,
     wait: Option<(u32, u64)>,
 ) -> Result<(Value, Option<i64>), RedisError> {

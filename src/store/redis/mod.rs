@@ -13,9 +13,10 @@
 //! ```
 //! Every key a record script touches carries the hash tag `{<id>}`, so it lives in one Redis Cluster
 //! slot (list and purge reach the record keys named in the index: same tag). The token counter is only
-//! ever touched alone. Hence the prefix must not contain `{` or `}`. (The store itself connects to one
-//! endpoint — a standalone Redis, a primary, or a proxy in front of a cluster; a cluster client is not
-//! wired in yet. The layout is what a cluster needs.)
+//! ever touched alone. Hence the prefix must not contain `{` or `}`. The store connects to one endpoint
+//! (a standalone Redis or a primary) or, with `redis_cluster`, to a Redis Cluster through the cluster
+//! client, which sends each script to the primary of its key's slot and follows `MOVED`/`ASK` (see
+//! `link`).
 //!
 //! Record fields: `s` state (`f` in flight, `c` completed), `t` fencing token, `c` created, `d` lease
 //! deadline (in flight), `e` expiry (completed), `f` fingerprint (32 bytes), and for a completed record
@@ -56,7 +57,8 @@
 //!
 //! # Waiting across replicas
 //! One pub/sub connection per store (RESP3, so Redis ≥ 6) PSUBSCRIBEs `Pchanged:*` and wakes the
-//! in-process waiters of the key named in each message. Messages can be lost while that connection is
+//! in-process waiters of the key named in each message. In a cluster, a classic `PUBLISH` reaches every
+//! node, so that one subscription, on any node, hears every primary's changes. Messages can be lost while that connection is
 //! down: each time it (re)subscribes, every waiter is woken to look again. The proxy's own timer (the
 //! lease left) stays as a last resort. Every replica receives every change message of its prefix; they
 //! are small, but at very high rates per-key subscriptions would scale better.
@@ -99,6 +101,7 @@ use crate::{
 };
 
 mod conn;
+mod link;
 mod names;
 mod ops;
 mod owners;
@@ -137,6 +140,9 @@ const PUBSUB_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 pub struct RedisOptions {
     /// `redis://` or `rediss://` URL (user, password and database number included).
     pub url: String,
+    /// Redis Cluster seed nodes (`redis://` URLs); when not empty, the store is a cluster client and
+    /// `url` is not used.
+    pub cluster: Vec<String>,
     /// Prefix of every key and channel; must not contain `{` or `}`.
     pub key_prefix: String,
     /// Bound on establishing one connection.
@@ -156,6 +162,7 @@ impl RedisOptions {
     pub fn new(url: &str, key_prefix: &str) -> Self {
         Self {
             url: url.to_owned(),
+            cluster: Vec::new(),
             key_prefix: key_prefix.to_owned(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
@@ -259,33 +266,13 @@ impl RedisStore {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(other_err("the redis store needs a tokio runtime".into()));
         }
-        if opts.url.starts_with("rediss://") {
+        let tls = opts.url.starts_with("rediss://")
+            || opts.cluster.iter().any(|u| u.starts_with("rediss://"));
+        if tls {
             // redis-rs builds its TLS config with rustls' process-wide default provider; make sure
             // there is exactly one (Err: one is already installed, which is just as good).
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let info = opts
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(backend_err)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(opts.connect_timeout))
-            .set_response_timeout(Some(opts.response_timeout))
-            // One attempt per reconnect: callers fail fast and the next operation tries again.
-            .set_number_of_retries(0);
-        let client = Client::open(info.clone()).map_err(backend_err)?;
-        // A `WAIT` holds its connection until replicas answer: then writes spread over several.
-        let connections = if opts.min_replicas > 0 {
-            conn::ACKED_CONNECTIONS
-        } else {
-            1
-        };
-        let managers = (0..connections)
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(backend_err)?;
-
         let names = Names {
             prefix: opts.key_prefix.clone(),
         };
@@ -298,15 +285,11 @@ impl RedisStore {
                 Ok(())
             }
         };
-        // Pub/sub messages arrive as RESP3 pushes on a connection of their own.
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let sub_client = Client::open(info.set_redis_settings(resp3)).map_err(backend_err)?;
-        let sub =
-            ConnectionManager::new_lazy_with_config(sub_client, config.set_push_sender(on_push))
-                .map_err(backend_err)?;
+        let (link, sub) = if opts.cluster.is_empty() {
+            single_link(opts, on_push)?
+        } else {
+            cluster_link(opts, on_push)?
+        };
         let (subscribed_tx, subscribed) = watch::channel(false);
         let pubsub = tokio::spawn(subscribe_loop(
             sub,
@@ -318,7 +301,7 @@ impl RedisStore {
         ));
         Ok(Self {
             inner: Arc::new(Inner {
-                conn: Conn::new(managers, opts.op_timeout, opts.min_replicas),
+                conn: Conn::new(link, opts.op_timeout, opts.min_replicas),
                 names,
                 scripts: Arc::new(Scripts::new(strict)),
                 tokens: tokio::sync::Mutex::default(),
@@ -348,4 +331,73 @@ impl RedisStore {
             self.inner.names.index(&key.id),
         )
     }
+}
+
+/// One endpoint: the command connections (several when writes wait for replicas: a `WAIT` holds its
+/// connection) and the RESP3 pub/sub connection.
+fn single_link(
+    opts: &RedisOptions,
+    on_push: impl ::redis::aio::AsyncPushSender + Clone,
+) -> Result<(link::Link, link::Sub), StoreError> {
+    let info = opts
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(backend_err)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(opts.response_timeout))
+        // One attempt per reconnect: callers fail fast and the next operation tries again.
+        .set_number_of_retries(0);
+    let client = Client::open(info.clone()).map_err(backend_err)?;
+    let connections = if opts.min_replicas > 0 {
+        conn::ACKED_CONNECTIONS
+    } else {
+        1
+    };
+    let managers = (0..connections)
+        .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(backend_err)?;
+    // Pub/sub messages arrive as RESP3 pushes on a connection of their own.
+    let resp3 = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let sub_client = Client::open(info.set_redis_settings(resp3)).map_err(backend_err)?;
+    let sub = ConnectionManager::new_lazy_with_config(sub_client, config.set_push_sender(on_push))
+        .map_err(backend_err)?;
+    Ok((link::Link::Single(managers.into()), link::Sub::Single(sub)))
+}
+
+/// A Redis Cluster: the cluster client's connection for commands, and a second, RESP3 one for
+/// pub/sub. Both connect on first use.
+fn cluster_link(
+    opts: &RedisOptions,
+    on_push: impl ::redis::aio::AsyncPushSender + Clone,
+) -> Result<(link::Link, link::Sub), StoreError> {
+    let seeds = opts
+        .cluster
+        .iter()
+        .map(|u| u.as_str().into_connection_info())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(backend_err)?;
+    let builder = |seeds: Vec<::redis::ConnectionInfo>| {
+        ::redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(opts.connect_timeout)
+            .response_timeout(opts.response_timeout)
+    };
+    let client = builder(seeds.clone()).build().map_err(backend_err)?;
+    let sub_client = builder(seeds)
+        .use_protocol(ProtocolVersion::RESP3)
+        .push_sender(on_push)
+        .build()
+        .map_err(backend_err)?;
+    Ok((
+        link::Link::Cluster(Arc::new(link::ClusterLink::new(client))),
+        link::Sub::Cluster {
+            client: Box::new(sub_client),
+            conn: None,
+        },
+    ))
 }

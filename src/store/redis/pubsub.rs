@@ -1,6 +1,7 @@
 //! The pub/sub connection that wakes in-process waiters when a record changes on any replica.
 
 use super::*;
+use link::Sub;
 
 /// Handles one push of the pub/sub connection (runs on the connection's task: must not block).
 pub(super) fn on_push(names: &Names, watchers: &Watchers, lost: &Notify, push: PushInfo) {
@@ -27,7 +28,7 @@ pub(super) fn on_push(names: &Names, watchers: &Watchers, lost: &Notify, push: P
 /// (disconnection pushes and a heartbeat). After each (re)subscription every waiter looks again, since
 /// changes made while nobody listened were not heard.
 pub(super) async fn subscribe_loop(
-    mut sub: ConnectionManager,
+    mut sub: Sub,
     pattern: String,
     watchers: Arc<Watchers>,
     lost: Arc<Notify>,
@@ -68,8 +69,7 @@ pub(super) async fn subscribe_loop(
             tokio::select! {
                 () = lost.notified() => break,
                 () = tokio::time::sleep(PUBSUB_HEARTBEAT) => {
-                    let ping = ::redis::cmd("PING");
-                    let alive = tokio::time::timeout(op_timeout, ping.query_async::<Value>(&mut sub)).await;
+                    let alive = tokio::time::timeout(op_timeout, sub.ping()).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         break;
                     }

@@ -6,4 +6,5 @@
 
 pub mod conformance;
 pub mod failing;
+pub mod redis_cluster;
 pub mod redis_server;

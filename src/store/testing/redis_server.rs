@@ -41,6 +41,28 @@ impl RedisServer {
     /// Starts one with extra arguments (e.g. `["--appendonly", "yes"]`, which come after the defaults and
     /// so win over them).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_on(extra, free_port)
+    }
+
+    /// Starts a Redis Cluster node (cluster mode on, its bus on port + 10000, so the port is below
+    /// 55535 and both ports are free). See `RedisCluster`.
+    pub fn start_cluster_node() -> RedisServer {
+        Self::start_on(
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+            cluster_port,
+        )
+    }
+
+    fn start_on(extra: &[&str], pick_port: fn() -> u16) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("idemproxy-redis-")
             .tempdir()
@@ -54,7 +76,7 @@ impl RedisServer {
         // A free port can be taken by someone else between our probe and redis binding it: try a few.
         let mut last = String::new();
         for _ in 0..5 {
-            server.port = free_port();
+            server.port = pick_port();
             match server.launch() {
                 Ok(()) => return server,
                 Err(log) => last = log,
@@ -213,6 +235,19 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// A port below 55535 that was free a moment ago, with port + 10000 free too (a cluster node's bus).
+fn cluster_port() -> u16 {
+    for _ in 0..200 {
+        let port = free_port();
+        let port = if port < 55_535 { port } else { port - 30_000 };
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for a Redis Cluster node");
 }
 
 /// Whether a redis answers PING on `addr` (each step bounded).
