@@ -86,12 +86,15 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
                 .redis_url
                 .as_deref()
                 .or(config.store.redis_cluster.first().map(String::as_str))
+                .or(config.store.redis_sentinels.first().map(String::as_str))
                 .unwrap_or_default();
             let mut opts = RedisOptions::new(url, &config.store.key_prefix);
             // A frozen Redis is a store error within `[store] timeout` (rule 14).
             opts.op_timeout = config.store.timeout;
             opts.min_replicas = config.store.redis_min_replicas;
             opts.cluster = config.store.redis_cluster.clone();
+            opts.sentinels = config.store.redis_sentinels.clone();
+            opts.master_name = config.store.redis_master_name.clone();
             let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
                 path: crate::config::redact_url(url),
                 source,
@@ -405,6 +408,14 @@ pub fn reload(
         ("store.timeout", a.timeout != b.timeout),
         ("store.redis_url", a.redis_url != b.redis_url),
         ("store.redis_cluster", a.redis_cluster != b.redis_cluster),
+        (
+            "store.redis_sentinels",
+            a.redis_sentinels != b.redis_sentinels,
+        ),
+        (
+            "store.redis_master_name",
+            a.redis_master_name != b.redis_master_name,
+        ),
         ("store.key_prefix", a.key_prefix != b.key_prefix),
         (
             "store.redis_min_replicas",

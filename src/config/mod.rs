@@ -171,6 +171,10 @@ pub struct StoreConfig {
     pub redis_url: Option<String>,
     /// Redis Cluster seed nodes (instead of `redis_url`).
     pub redis_cluster: Vec<String>,
+    /// Sentinels to ask for the primary (instead of `redis_url`).
+    pub redis_sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under (with `redis_sentinels`).
+    pub redis_master_name: String,
     /// Prefix of every Redis key.
     pub key_prefix: String,
     /// Redis replicas that must acknowledge every claim and result (`WAIT`) before the proxy acts.

@@ -131,6 +131,8 @@ pub const KEYS: &[Key] = &[
     key("store.timeout", K::Duration(bounds::STORE_TIMEOUT), D::Duration(DEFAULT_STORE_TIMEOUT), "a store call slower than this is a store error (503 `store-unavailable`)"),
     key("store.redis_url", K::Url, D::None, "Redis backend: `redis://` or `rediss://` URL (see *Several replicas*)"),
     key("store.redis_cluster", K::Strings, D::None, "Redis backend on a Redis Cluster: seed node URLs (`[\"redis://h1:7000\", ...]`), instead of `redis_url` (see *Several replicas*)"),
+    key("store.redis_sentinels", K::Strings, D::None, "Redis backend through Sentinel: sentinel URLs (`[\"redis://h:26379\"]`), instead of `redis_url`; the primary is asked of them, again after every failed operation, so a failover needs no restart"),
+    key("store.redis_master_name", K::Str, D::None, "with `redis_sentinels`: the name the sentinels monitor the primary under"),
     key("store.key_prefix", K::Str, D::Str(DEFAULT_KEY_PREFIX), "Redis backend: prefix of every key"),
     key("store.redis_min_replicas", K::Count(bounds::REDIS_MIN_REPLICAS), D::Count(DEFAULT_REDIS_MIN_REPLICAS), "Redis backend: replicas that must acknowledge every claim and result (`WAIT`) before the proxy acts on it; fewer within `store.timeout` is a store error (503). See *Several replicas*"),
     key("admin", K::Table, D::None, "health, readiness, metrics and key administration"),

@@ -429,4 +429,48 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("config: invalid TOML"), "{e:?}");
     }
+
+    #[test]
+    fn redis_is_reached_one_way_and_sentinels_need_a_master_name() {
+        let both =
+            errors("[store]\nredis_url = \"redis://a:1\"\nredis_cluster = [\"redis://b:2\"]\n");
+        assert!(
+            both.iter()
+                .any(|e| e.starts_with("store.redis_cluster: conflicts")),
+            "{both:?}"
+        );
+        let no_name = errors("[store]\nredis_sentinels = [\"redis://s:26379\"]\n");
+        assert!(
+            no_name
+                .iter()
+                .any(|e| e.starts_with("store.redis_master_name: missing")),
+            "{no_name:?}"
+        );
+        let no_sentinels =
+            errors("[store]\nredis_url = \"redis://a:1\"\nredis_master_name = \"m\"\n");
+        assert!(
+            no_sentinels
+                .iter()
+                .any(|e| e.starts_with("store.redis_master_name: needs")),
+            "{no_sentinels:?}"
+        );
+        let bad = errors("[store]\nredis_cluster = [\"redis://a:1\", \"http://b:2\"]\n");
+        assert!(
+            bad.iter().any(|e| e.starts_with("store.redis_cluster[1]:")),
+            "{bad:?}"
+        );
+        let sled = errors("[store]\nbackend = \"sled\"\nredis_sentinels = [\"redis://s:1\"]\nredis_master_name = \"m\"\n");
+        assert!(
+            !sled.is_empty(),
+            "sentinels with backend = sled must be refused"
+        );
+        let ok = Config::parse(
+            "[store]\nredis_sentinels = [\"redis://s:26379\"]\nredis_master_name = \"mymaster\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.store.backend, crate::config::Backend::Redis);
+        assert_eq!(ok.store.redis_master_name, "mymaster");
+        assert_eq!(ok.store.redis_url, None);
+    }
 }

@@ -18,9 +18,11 @@ use crate::config::{
 /// Keys only the sled backend reads.
 const SLED_ONLY: [&str; 4] = ["path", "sync", "cache_capacity", "max_size"];
 /// Keys only the Redis backend reads.
-const REDIS_ONLY: [&str; 4] = [
+const REDIS_ONLY: [&str; 6] = [
     "redis_url",
     "redis_cluster",
+    "redis_sentinels",
+    "redis_master_name",
     "key_prefix",
     "redis_min_replicas",
 ];
@@ -35,14 +37,42 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
     let explicit = s.take_str("backend", p);
     let redis_url = s.take_str("redis_url", p);
     let redis_cluster = s.take_str_list("redis_cluster", p).unwrap_or_default();
-    if redis_url.is_some() && !redis_cluster.is_empty() {
+    let redis_sentinels = s.take_str_list("redis_sentinels", p).unwrap_or_default();
+    let redis_master_name = s.take_str("redis_master_name", p);
+    // One way to reach Redis: an endpoint, cluster seed nodes, or sentinels.
+    let ways = [
+        ("redis_url", redis_url.is_some()),
+        ("redis_cluster", !redis_cluster.is_empty()),
+        ("redis_sentinels", !redis_sentinels.is_empty()),
+    ];
+    let given_ways: Vec<&str> = ways.iter().filter(|(_, g)| *g).map(|(k, _)| *k).collect();
+    for extra in given_ways.iter().skip(1) {
         p.push(
-            s.path_of("redis_cluster"),
-            "conflicts with store.redis_url: one endpoint or cluster seed nodes, not both",
+            s.path_of(extra),
+            format!(
+                "conflicts with store.{}: give one of redis_url, redis_cluster or redis_sentinels",
+                given_ways[0]
+            ),
         );
     }
-    // Cluster seed nodes select Redis as a URL does.
-    let redis_url = redis_url.or_else(|| redis_cluster.first().cloned());
+    match (&redis_master_name, redis_sentinels.is_empty()) {
+        (None, false) => p.push(
+            s.path_of("redis_master_name"),
+            "missing: redis_sentinels needs the name the sentinels monitor the primary under",
+        ),
+        (Some(_), true) => p.push(
+            s.path_of("redis_master_name"),
+            "needs redis_sentinels (the sentinels to ask for this primary)",
+        ),
+        (Some(n), false) if n.is_empty() => {
+            p.push(s.path_of("redis_master_name"), "must not be empty")
+        }
+        _ => {}
+    }
+    // Cluster seed nodes and sentinels select Redis as a URL does.
+    let redis_url = redis_url
+        .or_else(|| redis_cluster.first().cloned())
+        .or_else(|| redis_sentinels.first().cloned());
     let url_source = if o.redis_url.is_some() {
         " (from --redis-url or IDEMPROXY_REDIS_URL)"
     } else {
@@ -89,7 +119,7 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
             .map(|(i, u)| (format!("{base}[{i}]"), u))
             .collect()
     };
-    for (path, u) in urls {
+    for (path, u) in &urls {
         use redis::IntoConnectionInfo;
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
             p.push(
@@ -199,12 +229,14 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         sweep_interval,
         max_size: max_size?,
         timeout,
-        redis_url: if redis_cluster.is_empty() {
+        redis_url: if redis_cluster.is_empty() && redis_sentinels.is_empty() {
             redis_url
         } else {
             None
         },
         redis_cluster,
+        redis_sentinels,
+        redis_master_name: redis_master_name.unwrap_or_default(),
         key_prefix,
         redis_min_replicas: u32::try_from(redis_min_replicas?).ok()?,
         warnings,

@@ -81,6 +81,7 @@ impl Conn {
             }
         })
         .await
+        .inspect_err(|_| self.link.suspect())
         .map(|(v, _)| v)
     }
 
@@ -97,7 +98,8 @@ impl Conn {
                     r => r,
                 }
             })
-            .await?;
+            .await
+            .inspect_err(|_| self.link.suspect())?;
         Ok(self.judge(value, acks))
     }
 
@@ -118,6 +120,7 @@ impl Conn {
                     };
                     match tried {
                         Err(e) if broken(&e) => {
+                            link.suspect();
                             attempt += 1;
                             tokio::time::sleep(WRITE_RETRY).await;
                         }
@@ -125,7 +128,8 @@ impl Conn {
                     }
                 }
             })
-            .await?;
+            .await
+            .inspect_err(|_| self.link.suspect())?;
         Ok(self.judge(value, acks))
     }
 
@@ -152,6 +156,7 @@ impl Conn {
             }
         })
         .await
+        .inspect_err(|_| self.link.suspect())
         .map(drop)
     }
 

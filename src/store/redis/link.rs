@@ -3,12 +3,16 @@
 //! every command to the primary of its key's slot and follows `MOVED`/`ASK` redirections and
 //! topology changes by itself. Either way an operation gets an [`AnyConn`].
 //!
+//! With Sentinel, the primary is asked of the sentinels (`SENTINEL get-master-addr-by-name`) on first
+//! use, and again after any operation finds its connection broken or the node read-only (a failover):
+//! the proxy follows a failover without a restart.
+//!
 //! The cluster connection is made on first use (and again after a failed attempt), so a cluster
 //! that is down when the proxy starts makes operations fail until it answers, as with one endpoint.
 
 use ::redis::{
-    aio::ConnectionLike, cluster::ClusterClient, cluster_async::ClusterConnection, Cmd, Pipeline,
-    RedisFuture,
+    aio::ConnectionLike, cluster::ClusterClient, cluster_async::ClusterConnection, Cmd,
+    ConnectionAddr, ConnectionInfo, Pipeline, RedisFuture,
 };
 use tokio::sync::OnceCell;
 
@@ -21,6 +25,113 @@ pub(super) enum Link {
     Single(Arc<[ConnectionManager]>),
     /// A Redis Cluster.
     Cluster(Arc<ClusterLink>),
+    /// The primary that Sentinel names.
+    Sentinel(Arc<SentinelLink>),
+}
+
+/// The sentinels, and the connections to the primary they named last.
+pub(super) struct SentinelLink {
+    sentinels: Vec<ConnectionInfo>,
+    master: String,
+    /// How to reach a primary (its address replaced by what the sentinels say).
+    template: ConnectionInfo,
+    connections: usize,
+    config: ConnectionManagerConfig,
+    timeout: Duration,
+    current: Mutex<Option<Arc<[ConnectionManager]>>>,
+    resolving: tokio::sync::Mutex<()>,
+}
+
+impl SentinelLink {
+    pub(super) fn new(
+        sentinels: Vec<ConnectionInfo>,
+        master: String,
+        connections: usize,
+        config: ConnectionManagerConfig,
+        timeout: Duration,
+    ) -> Self {
+        let template = sentinels[0].clone();
+        Self {
+            sentinels,
+            master,
+            template,
+            connections,
+            config,
+            timeout,
+            current: Mutex::new(None),
+            resolving: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The primary's connection settings, as the first sentinel that knows `master` names it.
+    pub(super) async fn master_info(&self) -> Result<ConnectionInfo, RedisError> {
+        let mut last = None;
+        for s in &self.sentinels {
+            let asked = tokio::time::timeout(self.timeout, async {
+                // Sentinels have no databases: the URL's number is the primary's.
+                let settings = s.redis_settings().clone().set_db(0);
+                let client = Client::open(s.clone().set_redis_settings(settings))?;
+                let mut c = client.get_multiplexed_async_connection().await?;
+                ::redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master)
+                    .query_async::<Option<(String, u16)>>(&mut c)
+                    .await
+            })
+            .await;
+            match asked {
+                Ok(Ok(Some((host, port)))) => {
+                    let addr = match self.template.addr() {
+                        ConnectionAddr::TcpTls {
+                            insecure,
+                            tls_params,
+                            ..
+                        } => ConnectionAddr::TcpTls {
+                            host,
+                            port,
+                            insecure: *insecure,
+                            tls_params: tls_params.clone(),
+                        },
+                        _ => ConnectionAddr::Tcp(host, port),
+                    };
+                    return Ok(self.template.clone().set_addr(addr));
+                }
+                Ok(Ok(None)) => {
+                    last = Some(RedisError::from((
+                        ::redis::ErrorKind::Io,
+                        "the sentinel does not know this master",
+                        self.master.clone(),
+                    )))
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(RedisError::from((
+                        ::redis::ErrorKind::Io,
+                        "no answer from the sentinel",
+                    )))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RedisError::from((::redis::ErrorKind::Io, "no sentinel"))))
+    }
+
+    async fn managers(&self) -> Result<Arc<[ConnectionManager]>, RedisError> {
+        if let Some(m) = self.current.lock().clone() {
+            return Ok(m);
+        }
+        let _one = self.resolving.lock().await;
+        if let Some(m) = self.current.lock().clone() {
+            return Ok(m);
+        }
+        let info = self.master_info().await?;
+        let client = Client::open(info)?;
+        let managers: Arc<[ConnectionManager]> = (0..self.connections)
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone()))
+            .collect::<Result<Vec<_>, _>>()?
+            .into();
+        *self.current.lock() = Some(Arc::clone(&managers));
+        Ok(managers)
+    }
 }
 
 /// A Redis Cluster client and its connection, once made.
@@ -50,6 +161,18 @@ impl Link {
                     .await?;
                 Ok(AnyConn::Cluster(conn.clone()))
             }
+            Self::Sentinel(s) => {
+                let m = s.managers().await?;
+                Ok(AnyConn::Single(m[n % m.len()].clone()))
+            }
+        }
+    }
+
+    /// An operation found its connection broken, or the node read-only: with Sentinel, the next one
+    /// asks the sentinels again which node is the primary.
+    pub(super) fn suspect(&self) {
+        if let Self::Sentinel(s) = self {
+            *s.current.lock() = None;
         }
     }
 
@@ -58,6 +181,7 @@ impl Link {
         match self {
             Self::Single(m) => m.len(),
             Self::Cluster(_) => 1,
+            Self::Sentinel(s) => s.connections,
         }
     }
 }
@@ -96,10 +220,19 @@ impl ConnectionLike for AnyConn {
     }
 }
 
+/// What a pub/sub push is handed to.
+pub(super) type PushFn = Arc<dyn Fn(PushInfo) -> Result<(), Infallible> + Send + Sync>;
+
 /// The pub/sub connection: change messages are published with classic `PUBLISH`, which a cluster
 /// delivers on every node, so one subscription anywhere hears them all.
 pub(super) enum Sub {
     Single(ConnectionManager),
+    /// Made again, on the primary the sentinels name, at every (re)subscription.
+    Sentinel {
+        link: Arc<SentinelLink>,
+        on_push: PushFn,
+        conn: Option<ConnectionManager>,
+    },
     Cluster {
         client: Box<ClusterClient>,
         conn: Option<ClusterConnection>,
@@ -110,6 +243,25 @@ impl Sub {
     pub(super) async fn psubscribe(&mut self, pattern: &str) -> Result<(), RedisError> {
         match self {
             Self::Single(c) => c.psubscribe(pattern).await,
+            Self::Sentinel {
+                link,
+                on_push,
+                conn,
+            } => {
+                *conn = None;
+                let info = link.master_info().await?;
+                let resp3 = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                let client = Client::open(info.set_redis_settings(resp3))?;
+                let f = Arc::clone(on_push);
+                let config = link.config.clone().set_push_sender(move |p: PushInfo| f(p));
+                let mut c = ConnectionManager::new_lazy_with_config(client, config)?;
+                c.psubscribe(pattern).await?;
+                *conn = Some(c);
+                Ok(())
+            }
             Self::Cluster { client, conn } => {
                 if conn.is_none() {
                     *conn = Some(client.get_async_connection().await?);
@@ -125,7 +277,10 @@ impl Sub {
     pub(super) async fn ping(&mut self) -> Result<(), RedisError> {
         let ping = ::redis::cmd("PING");
         match self {
-            Self::Single(c) => ping.query_async::<Value>(c).await.map(drop),
+            Self::Single(c) | Self::Sentinel { conn: Some(c), .. } => {
+                ping.query_async::<Value>(c).await.map(drop)
+            }
+            Self::Sentinel { conn: None, .. } => Ok(()),
             Self::Cluster { conn: Some(c), .. } => ping.query_async::<Value>(c).await.map(drop),
             Self::Cluster { conn: None, .. } => Ok(()),
         }

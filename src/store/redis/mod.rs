@@ -143,6 +143,12 @@ pub struct RedisOptions {
     /// Redis Cluster seed nodes (`redis://` URLs); when not empty, the store is a cluster client and
     /// `url` is not used.
     pub cluster: Vec<String>,
+    /// Sentinels (`redis://host:26379` URLs) to ask for the primary named `master_name`; when not
+    /// empty, `url` is not used (the primary is reached with the first sentinel URL's credentials,
+    /// database and TLS setting).
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    pub master_name: String,
     /// Prefix of every key and channel; must not contain `{` or `}`.
     pub key_prefix: String,
     /// Bound on establishing one connection.
@@ -163,6 +169,8 @@ impl RedisOptions {
         Self {
             url: url.to_owned(),
             cluster: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: String::new(),
             key_prefix: key_prefix.to_owned(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
@@ -266,8 +274,10 @@ impl RedisStore {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(other_err("the redis store needs a tokio runtime".into()));
         }
-        let tls = opts.url.starts_with("rediss://")
-            || opts.cluster.iter().any(|u| u.starts_with("rediss://"));
+        let tls = std::iter::once(&opts.url)
+            .chain(&opts.cluster)
+            .chain(&opts.sentinels)
+            .any(|u| u.starts_with("rediss://"));
         if tls {
             // redis-rs builds its TLS config with rustls' process-wide default provider; make sure
             // there is exactly one (Err: one is already installed, which is just as good).
@@ -285,10 +295,12 @@ impl RedisStore {
                 Ok(())
             }
         };
-        let (link, sub) = if opts.cluster.is_empty() {
-            single_link(opts, on_push)?
-        } else {
+        let (link, sub) = if !opts.cluster.is_empty() {
             cluster_link(opts, on_push)?
+        } else if !opts.sentinels.is_empty() {
+            sentinel_link(opts, Arc::new(on_push))?
+        } else {
+            single_link(opts, on_push)?
         };
         let (subscribed_tx, subscribed) = watch::channel(false);
         let pubsub = tokio::spawn(subscribe_loop(
@@ -335,6 +347,53 @@ impl RedisStore {
 
 /// One endpoint: the command connections (several when writes wait for replicas: a `WAIT` holds its
 /// connection) and the RESP3 pub/sub connection.
+/// How connections to one endpoint behave.
+fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(opts.response_timeout))
+        // One attempt per reconnect: callers fail fast and the next operation tries again.
+        .set_number_of_retries(0)
+}
+
+/// Command connections at once: several when writes wait for replicas (a `WAIT` holds its
+/// connection).
+fn connections(opts: &RedisOptions) -> usize {
+    if opts.min_replicas > 0 {
+        conn::ACKED_CONNECTIONS
+    } else {
+        1
+    }
+}
+
+/// The primary Sentinel names: asked on first use and after any failed operation.
+fn sentinel_link(
+    opts: &RedisOptions,
+    on_push: link::PushFn,
+) -> Result<(link::Link, link::Sub), StoreError> {
+    let sentinels = opts
+        .sentinels
+        .iter()
+        .map(|u| u.as_str().into_connection_info())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(backend_err)?;
+    let link = Arc::new(link::SentinelLink::new(
+        sentinels,
+        opts.master_name.clone(),
+        connections(opts),
+        manager_config(opts),
+        opts.connect_timeout + opts.response_timeout,
+    ));
+    Ok((
+        link::Link::Sentinel(Arc::clone(&link)),
+        link::Sub::Sentinel {
+            link,
+            on_push,
+            conn: None,
+        },
+    ))
+}
+
 fn single_link(
     opts: &RedisOptions,
     on_push: impl ::redis::aio::AsyncPushSender + Clone,
@@ -344,18 +403,9 @@ fn single_link(
         .as_str()
         .into_connection_info()
         .map_err(backend_err)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(opts.connect_timeout))
-        .set_response_timeout(Some(opts.response_timeout))
-        // One attempt per reconnect: callers fail fast and the next operation tries again.
-        .set_number_of_retries(0);
+    let config = manager_config(opts);
     let client = Client::open(info.clone()).map_err(backend_err)?;
-    let connections = if opts.min_replicas > 0 {
-        conn::ACKED_CONNECTIONS
-    } else {
-        1
-    };
-    let managers = (0..connections)
+    let managers = (0..connections(opts))
         .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(backend_err)?;
