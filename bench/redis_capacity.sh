@@ -7,7 +7,8 @@
 # Redis backend; runs wrk (bench/idem.lua) per scenario, reading Redis's INFO before and after.
 #
 # Environment: BIN (default target/release/idemproxy), DURATION (10s), CONNS (64), BODY (bytes of the
-# upstream's answer, default 200), MIN_REPLICAS (0), PORT_BASE (19080).
+# upstream's answer, default 200), MIN_REPLICAS (0; with 1 or more, that many replicas are started and
+# the proxy waits for them), PORT_BASE (19080).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 BIN="${BIN:-$HERE/../target/release/idemproxy}"
@@ -33,7 +34,16 @@ http { access_log off; client_body_temp_path $DIR/tmp; proxy_temp_path $DIR/tmp;
   server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '$body'; } } }
 NGINX
 nginx -p "$DIR" -c "$DIR/upstream.conf" & PIDS+=($!)
-redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 & PIDS+=($!)
+redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
+  --repl-diskless-sync-delay 0 >"$DIR/redis.log" 2>&1 & PIDS+=($!)
+for i in $(seq 1 "$MIN_REPLICAS"); do
+  mkdir -p "$DIR/replica$i"
+  redis-server --port $((REDIS + 10 + i)) --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR/replica$i" \
+    --replicaof 127.0.0.1 "$REDIS" >"$DIR/replica$i.log" 2>&1 & PIDS+=($!)
+done
+sleep 0.3
+# Replicas count for WAIT once their sync is over (state=online).
+until [ "$(redis-cli -p "$REDIS" INFO replication | grep -c 'state=online')" -ge "$MIN_REPLICAS" ]; do sleep 0.2; done
 cat >"$DIR/proxy.toml" <<TOML
 [store]
 backend = "redis"
@@ -82,7 +92,9 @@ netout = (int(a['total_net_output_bytes']) - int(b['total_net_output_bytes'])) /
 keys = lambda d: sum(int(re.search(r'keys=(\d+)', v).group(1)) for k, v in d.items() if re.fullmatch(r'db\d+', k))
 newkeys = keys(a) - keys(b)
 mem = int(a['used_memory']) - int(b['used_memory'])
-print(f"{scen:7s} body {body:>6s} B: {req/dur:8.0f} req/s, Redis {sum(cmds.values())/n:.2f} commands/request "
+r = res[-1].split() if res else []
+lat = f"p50 {int(r[9])/1000:.2f} ms, p99 {int(r[11])/1000:.2f} ms" if len(r) > 11 else ""
+print(f"{scen:7s} body {body:>6s} B: {req/dur:8.0f} req/s ({lat}), Redis {sum(cmds.values())/n:.2f} commands/request "
       f"({', '.join(f'{k} {v/n:.2f}' for k, v in sorted(cmds.items()))}), "
       f"{cpu_us:.1f} µs Redis CPU/request -> one Redis core ~{1e6/max(cpu_us,0.01):,.0f} req/s, "
       f"net {netin:.0f} B in + {netout:.0f} B out per request"
