@@ -1021,3 +1021,19 @@ async fn sigterm_right_after_the_listening_line_shuts_down_cleanly() {
         );
     }
 }
+
+/// Probes that use `HEAD` (some load balancers do) get what `GET` gets, without a body; other methods
+/// get 405 with `Allow`.
+#[tokio::test]
+async fn health_endpoints_answer_head_as_get_and_say_what_they_allow() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url()).start().await;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = common::send(p.admin, "HEAD", path, &[], "").await;
+        assert_eq!(r.status, 200, "HEAD {path}: {r:?}");
+        assert!(r.body.is_empty(), "HEAD {path} sent a body");
+    }
+    let r = common::send(p.admin, "POST", "/healthz", &[], "").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+}

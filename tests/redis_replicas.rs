@@ -419,3 +419,25 @@ async fn redis_restarted_mid_traffic_rejects_or_passes_then_recovers() {
         seen.len()
     );
 }
+
+/// A Redis restart closes every connection: the first keyed request afterwards is not the one that
+/// pays for it (its command never left, so it is sent again on a fresh connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_after_a_redis_restart_is_answered() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes"]);
+    let up = Upstream::start();
+    let p = replica(&up, &redis, "", "").await;
+    let first = post_key(p.addr, "/echo", "restart-1", "x").await;
+    assert_eq!(first.status, 201, "{first:?}");
+    redis.stop();
+    redis.restart();
+    // The proxy was idle through the restart: its connection is closed, and it does not know yet.
+    let after = post_key(p.addr, "/echo", "restart-2", "y").await;
+    assert_eq!(
+        after.status, 201,
+        "first request after the restart: {after:?}"
+    );
+    post_key(p.addr, "/echo", "restart-1", "x")
+        .await
+        .assert_replay(201, b"x");
+}

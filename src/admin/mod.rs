@@ -1,6 +1,6 @@
 //! The admin listener, apart from client traffic (loopback by default):
 //!
-//! - `GET /healthz`: 200 while the process runs.
+//! - `GET /healthz`: 200 while the process runs. (`HEAD` works wherever `GET` does.)
 //! - `GET /readyz`: 200 when the store answers and the proxy accepts; 503 while draining or when the
 //!   store fails.
 //! - `GET /metrics`: Prometheus text (see [`metrics`]).
@@ -95,6 +95,12 @@ impl Admin {
         if let Some(rest) = path.strip_prefix("/admin/") {
             return self.keys(method, rest, headers).await;
         }
+        // HEAD is GET without a body (hyper leaves the body out): probes that use HEAD work.
+        let method = if method == Method::HEAD {
+            Method::GET
+        } else {
+            method
+        };
         match (method, path) {
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
@@ -120,7 +126,10 @@ impl Admin {
                 r
             }
             (_, "/healthz" | "/readyz" | "/metrics") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                r
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }

@@ -8,11 +8,20 @@ use toml::{Table, Value};
 
 use super::ConfigError;
 
-/// Every problem found in a config, in file order.
+/// Every problem found in a config, in file order (`.0`), and settings that are valid but have no
+/// effect (`.1`, warnings).
 #[derive(Debug, Default)]
-pub(crate) struct Problems(pub(crate) Vec<ConfigError>);
+pub(crate) struct Problems(pub(crate) Vec<ConfigError>, pub(crate) Vec<ConfigError>);
 
 impl Problems {
+    /// A setting that is valid but has no effect.
+    pub(crate) fn warn(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.1.push(ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
     pub(crate) fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.0.push(ConfigError {
             path: path.into(),

@@ -7,8 +7,10 @@
 pub mod bounds;
 pub mod defaults;
 mod file;
+pub mod json_schema;
 pub mod schema;
 mod validate;
+mod warnings;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -84,6 +86,8 @@ pub struct Config {
     pub defaults: Rule,
     /// `[[routes]]`, in file order: the first whose path matches wins.
     pub routes: Vec<Route>,
+    /// Settings the validator found valid but without effect (part of [`Config::warnings`]).
+    pub notes: Vec<ConfigError>,
 }
 
 /// `[server]`.
@@ -313,29 +317,7 @@ impl Config {
     /// Settings that are valid but probably not what the operator meant, each with its TOML path.
     /// `check` prints them (and still exits 0); `run` logs them at startup and on reload.
     pub fn warnings(&self) -> Vec<ConfigError> {
-        let mut out = self.store.warnings.clone();
-        let rules = std::iter::once(("defaults".to_owned(), &self.defaults)).chain(
-            self.routes
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (format!("routes[{i}]"), &r.rule)),
-        );
-        for (path, rule) in rules {
-            if rule.enabled
-                && rule.store_response
-                && rule.scope_headers.is_empty()
-                && rule.scope_cookies.is_empty()
-            {
-                out.push(ConfigError {
-                    path: format!("{path}.scope_headers"),
-                    reason:
-                        "responses are recorded with no scope (scope_headers and scope_cookies \
-                             are empty): any client that sends a known key gets its recorded answer"
-                            .into(),
-                });
-            }
-        }
-        out
+        warnings::of(self)
     }
 
     /// The rules that apply to a route name (`default` for `[defaults]`).

@@ -147,6 +147,7 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
             admin,
             defaults,
             routes: out_routes,
+            notes: p.1,
         }),
         // A section reader returns None only after recording a problem.
         _ => Err(ConfigErrors(vec![super::ConfigError {

@@ -214,6 +214,7 @@ impl PartialRule {
             KeySource::Json(ptr) => Some(ptr.clone()),
             _ => None,
         };
+        let pointer_given = self.json_pointer.is_some();
         let key = match self.key {
             None => match (&base.key, self.json_pointer) {
                 (KeySource::Json(_), Some(ptr)) => KeySource::Json(ptr),
@@ -232,6 +233,12 @@ impl PartialRule {
                 }
             },
         };
+        if pointer_given && !matches!(key, KeySource::Json(_)) {
+            p.warn(
+                format!("{path}.json_pointer"),
+                "ignored: the key does not come from the JSON body (set key = \"json\" to use it)",
+            );
+        }
         Rule {
             enabled: self.enabled.unwrap_or(base.enabled),
             methods: self.methods.unwrap_or_else(|| base.methods.clone()),

@@ -86,7 +86,7 @@ impl Conn {
     }
 
     /// Runs a script that writes, followed by `WAIT` when replicas must acknowledge it. Tried once
-    /// (again only if the connection was refused: nothing was sent).
+    /// (again only if nothing can have been sent: see `not_sent`).
     pub(super) async fn write(&self, call: &Call<'_>) -> Result<Written, StoreError> {
         let (link, n) = (&self.link, self.turn());
         let wait = self.wait();
@@ -94,7 +94,7 @@ impl Conn {
             .bounded(async move {
                 let mut c = link.get(n).await?;
                 match run(&mut c, call, wait).await {
-                    Err(e) if e.is_connection_refusal() => run(&mut c, call, wait).await,
+                    Err(e) if not_sent(&e) => run(&mut c, call, wait).await,
                     r => r,
                 }
             })
@@ -151,7 +151,7 @@ impl Conn {
             let mut c = link.get(n).await?;
             let ping = ::redis::cmd("PING");
             match ping.query_async::<Value>(&mut c).await {
-                Err(e) if e.is_connection_refusal() => ping.query_async::<Value>(&mut c).await,
+                Err(e) if not_sent(&e) => ping.query_async::<Value>(&mut c).await,
                 r => r,
             }
         })
@@ -182,6 +182,23 @@ impl Conn {
             self.op_timeout * 3 / 4
         ))
     }
+}
+
+/// The command cannot have reached the server: the connection was refused, or found closed before the
+/// command was written (a Redis restart closes every connection). Safe to send again, whatever it does.
+fn not_sent(e: &RedisError) -> bool {
+    // redis-rs does not expose the I/O error's kind: compare with its text (how an `io::Error` of that
+    // kind, which is what redis-rs wraps, displays).
+    let closed = || {
+        let text = e.to_string();
+        [
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::NotConnected,
+        ]
+        .iter()
+        .any(|k| text.contains(&std::io::Error::from(*k).to_string()))
+    };
+    e.is_connection_refusal() || (e.is_connection_dropped() && closed())
 }
 
 /// The connection broke (or was refused) under a command: worth trying again on a new one.
