@@ -735,8 +735,15 @@ async fn admin_get_shows_one_record_per_scope_and_delete_frees_the_key() {
         "an in-flight record's lease (90s) bounds it, got {lease}s: {f}"
     );
 
-    // Purge both; the key is forgotten for both tenants.
+    // A plain DELETE refuses while a request holds the key (its result would go unrecorded), and
+    // purges nothing.
     let r = admin(&p, "DELETE", &path, Some(&auth)).await;
+    assert_eq!(r.status, 409, "DELETE of a key in flight: {r:?}");
+    assert!(r.text().contains("force=true"), "{}", r.text());
+    let r = admin(&p, "GET", &path, Some(&auth)).await;
+    assert_eq!(r.json()["records"].as_array().map(Vec::len), Some(2), "{}", r.text());
+    // Forced, it purges both; the key is forgotten for both tenants.
+    let r = admin(&p, "DELETE", &format!("{path}?force=true"), Some(&auth)).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["purged"], 2, "{}", r.text());
     let r = admin(&p, "GET", &path, Some(&auth)).await;

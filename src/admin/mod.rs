@@ -91,9 +91,13 @@ impl Admin {
         }
     }
 
-    async fn route(&self, method: Method, path: &str, headers: &HeaderMap) -> Response<Body> {
+    async fn route(&self, method: Method, uri: &http::Uri, headers: &HeaderMap) -> Response<Body> {
+        let path = uri.path();
         if let Some(rest) = path.strip_prefix("/admin/") {
-            return self.keys(method, rest, headers).await;
+            let force = uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "force=true"));
+            return self.keys(method, rest, force, headers).await;
         }
         // HEAD is GET without a body (hyper leaves the body out): probes that use HEAD work.
         let method = if method == Method::HEAD {
@@ -136,7 +140,14 @@ impl Admin {
     }
 
     /// `/admin/keys/{route}/{key}`.
-    async fn keys(&self, method: Method, rest: &str, headers: &HeaderMap) -> Response<Body> {
+    /// `force`: `?force=true`, which lets `DELETE` purge a key whose request is still in flight.
+    async fn keys(
+        &self,
+        method: Method,
+        rest: &str,
+        force: bool,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
         let settings = self.settings.load();
         let Some(token) = settings.token.as_deref() else {
             return text(StatusCode::NOT_FOUND, "not found\n");
@@ -184,15 +195,41 @@ impl Admin {
                 })),
                 Err(e) => store_error(&e),
             },
-            Method::DELETE => match self.store.purge(&id).await {
-                Ok(0) => text(StatusCode::NOT_FOUND, "no records for this key\n"),
-                Ok(n) => {
-                    tracing::info!(route = %route, key = %redact(key.as_str()), purged = n, "purged by admin");
-                    json(&serde_json::json!({ "route": route, "key": key.as_str(), "purged": n }))
+            Method::DELETE if !force => match self.store.list(&id).await {
+                // Purging a key whose request is still running would leave that request's result
+                // unrecorded (its token no longer holds the key), and its retry would run again.
+                Ok(records)
+                    if records
+                        .iter()
+                        .any(|(_, r)| matches!(r, Record::InFlight(_))) =>
+                {
+                    let mut r = json(&serde_json::json!({
+                        "route": route,
+                        "key": key.as_str(),
+                        "error": "in flight: the request holding this key is still running; \
+                                  its result would not be recorded. Wait for it, or DELETE \
+                                  with ?force=true",
+                        "records": records.iter().map(|(k, r)| record_json(k, r)).collect::<Vec<_>>(),
+                    }));
+                    *r.status_mut() = StatusCode::CONFLICT;
+                    r
                 }
+                Ok(_) => self.purge(&route, &key, &id).await,
                 Err(e) => store_error(&e),
             },
+            Method::DELETE => self.purge(&route, &key, &id).await,
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        }
+    }
+
+    async fn purge(&self, route: &str, key: &IdempotencyKey, id: &[u8; 32]) -> Response<Body> {
+        match self.store.purge(id).await {
+            Ok(0) => text(StatusCode::NOT_FOUND, "no records for this key\n"),
+            Ok(n) => {
+                tracing::info!(route = %route, key = %redact(key.as_str()), purged = n, "purged by admin");
+                json(&serde_json::json!({ "route": route, "key": key.as_str(), "purged": n }))
+            }
+            Err(e) => store_error(&e),
         }
     }
 }
@@ -260,8 +297,7 @@ impl Handler for Admin {
         let this = self.clone();
         Box::pin(async move {
             let (parts, _) = req.into_parts();
-            this.route(parts.method, parts.uri.path(), &parts.headers)
-                .await
+            this.route(parts.method, &parts.uri, &parts.headers).await
         })
     }
 }
