@@ -94,6 +94,12 @@ pub async fn run(
     let config = Config::parse(&text, &Overrides::default())
         .map_err(|e| DemoError::Config(e.to_string()))?;
     let p = config.server.listen;
+    // A taken port is said before the banner invites anyone to curl it.
+    if let Err(source) = std::net::TcpListener::bind(p) {
+        let _ = stop_tx.send(true);
+        let _ = upstream.await;
+        return Err(DemoError::Listen { addr: p, source });
+    }
     println!(
         "\nidemproxy demo: a counting upstream on http://{up_addr}, the proxy on http://{p}\n\
          Send the same payment twice; the second answer is replayed, the upstream runs once:\n\n  \
@@ -118,6 +124,14 @@ pub enum DemoError {
     /// The demo upstream could not listen.
     #[error("demo upstream: {0}")]
     Upstream(#[source] std::io::Error),
+    /// The proxy's address is taken (or not ours to bind).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// `--listen`.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The generated config was refused (e.g. a bad --listen).
     #[error("demo config: {0}")]
     Config(String),

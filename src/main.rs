@@ -91,9 +91,26 @@ fn block_on(f: impl std::future::Future<Output = anyhow::Result<Drain>>) -> Exit
         Ok(Drain::Complete) => ExitCode::SUCCESS,
         Ok(Drain::TimedOut) => ExitCode::FAILURE,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("idemproxy: {e:#}");
+            let e = causes(&e);
+            tracing::error!("{e}");
+            eprintln!("idemproxy: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many errors already say their cause in their
+/// own message, and `{:#}` would repeat it.
+fn causes(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }

@@ -296,3 +296,17 @@ async fn data_dir_flag_overrides_the_store_path() {
         "the file's [store] path was used despite --data-dir"
     );
 }
+
+/// `demo` on a taken port says so before printing its banner, and an error's cause is said once.
+#[test]
+fn demo_on_a_taken_port_fails_before_its_banner_and_says_the_cause_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = common::run_cli(&["demo", "--listen", &addr], &[], Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(!out.stdout.contains("curl"), "the banner was printed: {}", out.stdout);
+    let last = out.stderr_lines().into_iter().rfind(|l| l.starts_with("idemproxy:")).unwrap_or_default();
+    assert!(last.contains(&format!("cannot listen on {addr}")), "{}", out.stderr);
+    let said = last.matches("already in use").count();
+    assert_eq!(said, 1, "the cause is said {said} times: {last}");
+}
