@@ -311,6 +311,9 @@ async fn reload_loop(
     mut hangups: Hangups,
     mut stop: watch::Receiver<bool>,
 ) {
+    // What the process started with: settings that wait for a restart are compared with it, so
+    // putting one back is not reported as a change.
+    let started = current.clone();
     loop {
         tokio::select! {
             () = hangups.next() => {}
@@ -320,7 +323,7 @@ async fn reload_loop(
             tracing::warn!("SIGHUP: no config file to reload (started without --config)");
             continue;
         };
-        match reload(path, &src.overrides, &current) {
+        match reload(path, &src.overrides, &started) {
             Err(problems) => {
                 for p in &problems {
                     tracing::error!("reload: {p}");
@@ -358,7 +361,8 @@ async fn reload_loop(
     }
 }
 
-/// Loads the file again: the new config and the settings that changed but only apply after a restart.
+/// Loads the file again: the new config, and the settings that differ from what the process runs
+/// (`current`: the config it started with) but only apply after a restart.
 pub fn reload(
     path: &std::path::Path,
     overrides: &Overrides,

@@ -958,6 +958,12 @@ async fn sighup_applies_a_valid_config_and_keeps_the_running_one_when_invalid() 
         "{}",
         lines.join("\n")
     );
+    // server.listen is back to what the process listens on: nothing waits for a restart any more.
+    assert!(
+        !lines.iter().any(|l| l.contains("server.listen changed")),
+        "putting the running value back was reported as a change:\n{}",
+        lines.join("\n")
+    );
     on_conn(
         &mut conn,
         p.addr,
