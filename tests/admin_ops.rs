@@ -741,7 +741,12 @@ async fn admin_get_shows_one_record_per_scope_and_delete_frees_the_key() {
     assert_eq!(r.status, 409, "DELETE of a key in flight: {r:?}");
     assert!(r.text().contains("force=true"), "{}", r.text());
     let r = admin(&p, "GET", &path, Some(&auth)).await;
-    assert_eq!(r.json()["records"].as_array().map(Vec::len), Some(2), "{}", r.text());
+    assert_eq!(
+        r.json()["records"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        r.text()
+    );
     // Forced, it purges both; the key is forgotten for both tenants.
     let r = admin(&p, "DELETE", &format!("{path}?force=true"), Some(&auth)).await;
     assert_eq!(r.status, 200, "{r:?}");

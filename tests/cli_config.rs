@@ -304,9 +304,21 @@ fn demo_on_a_taken_port_fails_before_its_banner_and_says_the_cause_once() {
     let addr = taken.local_addr().unwrap().to_string();
     let out = common::run_cli(&["demo", "--listen", &addr], &[], Duration::from_secs(30));
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(!out.stdout.contains("curl"), "the banner was printed: {}", out.stdout);
-    let last = out.stderr_lines().into_iter().rfind(|l| l.starts_with("idemproxy:")).unwrap_or_default();
-    assert!(last.contains(&format!("cannot listen on {addr}")), "{}", out.stderr);
+    assert!(
+        !out.stdout.contains("curl"),
+        "the banner was printed: {}",
+        out.stdout
+    );
+    let last = out
+        .stderr_lines()
+        .into_iter()
+        .rfind(|l| l.starts_with("idemproxy:"))
+        .unwrap_or_default();
+    assert!(
+        last.contains(&format!("cannot listen on {addr}")),
+        "{}",
+        out.stderr
+    );
     let said = last.matches("already in use").count();
     assert_eq!(said, 1, "the cause is said {said} times: {last}");
 }
