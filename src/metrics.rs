@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `idemproxy_requests_total` | counter | `route`, `outcome` (forwarded, replayed, conflict, mismatch, rejected, passthrough, released, request_timeout, upstream_timeout, store_unavailable) |
 //! | `idemproxy_upstream_duration_seconds` | histogram | `route` |
-//! | `idemproxy_store_duration_seconds` | histogram | `op` (claim, complete, release, lookup, list, purge, sweep, flush, ping) |
+//! | `idemproxy_store_duration_seconds` | histogram | `op` (claim, complete, release, lookup, list, purge, sweep, ping; flush: the final one at shutdown) |
 //! | `idemproxy_store_errors_total` | counter | `op` |
 //! | `idemproxy_inflight` | gauge | requests being handled |
 //! | `idemproxy_upstream_inflight` | gauge | upstream exchanges running, detached ones (client gone) included |

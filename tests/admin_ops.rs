@@ -1055,3 +1055,21 @@ async fn health_endpoints_answer_head_as_get_and_say_what_they_allow() {
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
 }
+
+/// The store's group-commit counters move with the traffic, as of each scrape, not at the next sweep.
+#[tokio::test]
+async fn store_commit_counters_move_at_each_scrape() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .store("sweep_interval = \"1h\"")
+        .start()
+        .await;
+    let before = common::metrics::scrape(&p, "idemproxy_store_durable_writes_total").await;
+    for i in 0..5 {
+        post_key(p.addr, "/echo", &format!("commit-{i}"), "x").await;
+    }
+    let writes = common::metrics::scrape(&p, "idemproxy_store_durable_writes_total").await;
+    let flushes = common::metrics::scrape(&p, "idemproxy_store_flushes_total").await;
+    assert!(writes >= before + 10.0, "5 claims and 5 results: {before} -> {writes}");
+    assert!(flushes >= 1.0, "no log sync counted: {flushes}");
+}
