@@ -1070,6 +1070,9 @@ async fn store_commit_counters_move_at_each_scrape() {
     }
     let writes = common::metrics::scrape(&p, "idemproxy_store_durable_writes_total").await;
     let flushes = common::metrics::scrape(&p, "idemproxy_store_flushes_total").await;
-    assert!(writes >= before + 10.0, "5 claims and 5 results: {before} -> {writes}");
+    assert!(
+        writes >= before + 10.0,
+        "5 claims and 5 results: {before} -> {writes}"
+    );
     assert!(flushes >= 1.0, "no log sync counted: {flushes}");
 }
