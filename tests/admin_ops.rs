@@ -1076,3 +1076,43 @@ async fn store_commit_counters_move_at_each_scrape() {
     );
     assert!(flushes >= 1.0, "no log sync counted: {flushes}");
 }
+
+/// A `key = "fingerprint"` route derives its keys from the request: every answer says which
+/// (`Idempotency-Derived-Key`), so an operator can look the key up and purge it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fingerprint_keys_are_told_in_the_answer_and_can_be_looked_up_and_purged() {
+    const TOKEN: &str = "fp-token";
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url())
+        .admin(&format!("token = \"{TOKEN}\""))
+        .extra("[[routes]]\nname = \"hooks\"\npath = \"/echo\"\nkey = \"fingerprint\"\n")
+        .start()
+        .await;
+    let auth = format!("Bearer {TOKEN}");
+    let first = send(p.addr, "POST", "/echo", &[TEXT], "event-1").await;
+    first.assert_forwarded(201, b"event-1");
+    let key = first
+        .header("idempotency-derived-key")
+        .unwrap_or_else(|| panic!("no derived key: {first:?}"))
+        .to_owned();
+    assert!(
+        key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
+    let again = send(p.addr, "POST", "/echo", &[TEXT], "event-1").await;
+    again.assert_replay(201, b"event-1");
+    assert_eq!(again.header("idempotency-derived-key"), Some(key.as_str()));
+    // Keyed routes do not get it.
+    let keyed = post_key(p.addr, "/other", "plain-1", "x").await;
+    assert_eq!(keyed.header("idempotency-derived-key"), None);
+
+    let path = keys_path("hooks", &key);
+    let r = admin(&p, "GET", &path, Some(&auth)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["records"][0]["state"], "completed", "{}", r.text());
+    let r = admin(&p, "DELETE", &path, Some(&auth)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    send(p.addr, "POST", "/echo", &[TEXT], "event-1")
+        .await
+        .assert_forwarded(201, b"event-1");
+}

@@ -26,6 +26,9 @@ pub(super) struct Keyed {
     pub(super) key: StoreKey,
     /// The client key as logs may show it (rule 9).
     pub(super) redacted: String,
+    /// With `key = "fingerprint"`, the key the proxy derived (the request's SHA-256, hex): answers
+    /// carry it, so an operator can look the key up or purge it in the admin API.
+    pub(super) derived: Option<http::HeaderValue>,
     pub(super) fp: Fingerprint,
     pub(super) parts: Parts,
     pub(super) body: Bytes,
@@ -105,6 +108,9 @@ pub(super) fn derive_key(
             &parts.headers,
         ),
         redacted: client_key.redacted().to_owned(),
+        derived: (rule.key == KeySource::Fingerprint)
+            .then(|| http::HeaderValue::from_str(client_key.as_str()).ok())
+            .flatten(),
         fp,
         parts,
         body,

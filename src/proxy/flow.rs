@@ -52,6 +52,9 @@ use crate::{
     store::{ClaimOutcome, Committed, NewResult, StoreError},
 };
 
+/// On answers of `key = "fingerprint"` routes: the key the proxy derived, for the admin API.
+const DERIVED_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-derived-key");
+
 /// How much earlier than the request's own deadline a claimed exchange gives up (see `forward`).
 /// (Room for the release's durable sync, also on a loaded disk.)
 const REQUEST_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
@@ -174,10 +177,17 @@ impl Proxy {
             }
         };
         span.record("key", req.redacted.as_str());
+        let derived = req.derived.clone();
+        let tell = |mut a: Answer| {
+            if let Some(k) = &derived {
+                a.0.headers_mut().insert(DERIVED_KEY, k.clone());
+            }
+            a
+        };
         // Phase 4: claim the key.
         let claim = match self.claim(route, &req, progress).await? {
             Claimed::Ours(c) => c,
-            Claimed::Answered(a) => return Ok(a),
+            Claimed::Answered(a) => return Ok(tell(a)),
             Claimed::StoreFailed(e) => {
                 progress.set(Phase::Upstream);
                 return live.store_failed(e, rule, req.parts, req.body, peer).await;
@@ -205,7 +215,9 @@ impl Proxy {
             guard.armed = false;
             answer
         };
-        Detachable::new(&self.tasks, work.instrument(span.clone())).await
+        Detachable::new(&self.tasks, work.instrument(span.clone()))
+            .await
+            .map(tell)
     }
 
     /// Phase 4: claim the key, and act on what the store says. In wait mode, loops until the first
