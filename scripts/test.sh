@@ -4,6 +4,7 @@
 # - the Redis tests start their own redis-server on 127.0.0.1 (Debian's redis-server);
 # - the key-affinity test runs Debian's nginx in front of two proxies;
 # - the Prometheus test runs Debian's prometheus and promtool, and renders the dashboard with matplotlib;
+# - the systemd unit is rated by systemd-analyze (Debian's systemd);
 # - the full-disk tests mount a small tmpfs (root);
 # - the power-loss test runs the data dir on a FUSE file system that drops unsynced writes
 #   (tests/support/lazyfs.py: python3 with fusepy, libfuse2, fuse3, /dev/fuse).
@@ -15,6 +16,7 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2' || need_apt+=(libfuse2)
 if [ "${#need_apt[@]}" -gt 0 ]; then
