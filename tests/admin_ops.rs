@@ -1116,3 +1116,46 @@ async fn fingerprint_keys_are_told_in_the_answer_and_can_be_looked_up_and_purged
         .await
         .assert_forwarded(201, b"event-1");
 }
+
+/// A reload that changes `admin.listen` moves the admin listener (it is not left for a restart), so
+/// `idemproxy health --config FILE` probes where the process listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_admin_listener_and_health_follows_the_file() {
+    let up = Upstream::start();
+    let p = Proxy::builder(up.url()).start().await;
+    let old = p.admin;
+    let new = common::dead_addr();
+    let text = std::fs::read_to_string(p.config_path()).unwrap();
+    let moved = text.replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{new}\""),
+        1,
+    );
+    assert_ne!(moved, text, "the test config has no [admin] listen line");
+    p.write_config(&moved);
+    let mark = p.log_mark();
+    p.sighup();
+    p.wait_log(mark, Duration::from_secs(10), "the reload", |l| {
+        l.contains("config reloaded")
+    })
+    .await;
+    let lines = p.logs_since(mark).join("\n");
+    assert!(lines.contains("admin listener moved to"), "{lines}");
+    assert!(
+        !lines.contains("admin.listen changed"),
+        "admin.listen was left for a restart: {lines}"
+    );
+    let r = send(new, "GET", "/healthz", &[], "").await;
+    assert_eq!(r.status, 200, "the new admin address: {r:?}");
+    assert!(
+        try_send(old, "GET", "/healthz", &[], "").await.is_err(),
+        "the old admin address still answers"
+    );
+    let cfg = p.config_path().display().to_string();
+    let out = common::run_cli(&["health", "--config", &cfg], &[], Duration::from_secs(20));
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "health --config after the move: {out:?}"
+    );
+}

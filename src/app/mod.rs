@@ -3,7 +3,11 @@
 //! be recorded (bounded by `shutdown_grace`), flush the store, stop the admin listener. SIGHUP reloads
 //! the config file (see [`reload`]).
 
+mod admin_listener;
+
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+
+use admin_listener::AdminListener;
 
 use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::watch};
@@ -166,31 +170,33 @@ pub async fn run(
         Arc::clone(&readiness),
         Arc::clone(&settings),
     ));
+    let admin_addr = local_addr(&admin_listener, config.admin.listen);
+    let admin_opts = ServeOptions {
+        listener: "admin",
+        ..opts
+    };
+    let admin_listener = Arc::new(AdminListener::start(
+        admin_listener,
+        config.admin.listen,
+        admin,
+        admin_opts,
+        stop_rx.clone(),
+    ));
     let reloader = source.map(|src| {
+        let live = Reloadable {
+            proxy: Arc::clone(&proxy),
+            settings: Arc::clone(&settings),
+            admin: Arc::clone(&admin_listener),
+        };
         tokio::spawn(reload_loop(
             src,
             config.clone(),
-            Arc::clone(&proxy),
-            Arc::clone(&settings),
+            live,
             tls.clone(),
             hangups,
             stop_rx.clone(),
         ))
     });
-    let admin_addr = local_addr(&admin_listener, config.admin.listen);
-    let mut admin_stop = stop_rx.clone();
-    let admin_opts = ServeOptions {
-        listener: "admin",
-        ..opts
-    };
-    let admin_task = tokio::spawn(server::serve(
-        admin_listener,
-        admin,
-        admin_opts,
-        async move {
-            let _ = admin_stop.wait_for(|s| *s).await;
-        },
-    ));
 
     let addr = local_addr(&listener, config.server.listen);
     tracing::info!(
@@ -251,16 +257,18 @@ pub async fn run(
         Drain::Complete
     };
     let _ = stop_tx.send(true);
-    let _ = admin_task.await;
+    if let Some(r) = reloader {
+        let _ = r.await;
+    }
+    if let Ok(a) = Arc::try_unwrap(admin_listener) {
+        a.stopped().await;
+    }
     let _ = upkeep.await;
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final flush failed");
     }
     // Clean only when nothing can write any more (a claim still running after the grace would).
     store.close(drain == Drain::Complete).await;
-    if let Some(r) = reloader {
-        let _ = r.await;
-    }
     tracing::info!("stopped");
     Ok(drain)
 }
@@ -302,11 +310,17 @@ async fn upkeep_loop(every: std::time::Duration, mut stop: watch::Receiver<bool>
 /// On each SIGHUP: read the file again; if valid, apply it to new requests (routes, rules, upstream,
 /// limits, admin token) and name the settings that need a restart; if not, keep the running config and
 /// log every problem.
+/// What a reload changes in the running process.
+struct Reloadable {
+    proxy: Arc<Proxy>,
+    settings: Arc<ArcSwap<AdminSettings>>,
+    admin: Arc<AdminListener>,
+}
+
 async fn reload_loop(
     src: ConfigSource,
     mut current: Config,
-    proxy: Arc<Proxy>,
-    settings: Arc<ArcSwap<AdminSettings>>,
+    live: Reloadable,
     tls: Option<server::ServerTls>,
     mut hangups: Hangups,
     mut stop: watch::Receiver<bool>,
@@ -333,9 +347,17 @@ async fn reload_loop(
                     "reload failed: the running config is kept"
                 );
             }
-            Ok((new, restart)) => match proxy.reload(&new) {
+            Ok((new, restart)) => match live.proxy.reload(&new) {
                 Ok(()) => {
-                    settings.store(Arc::new(AdminSettings::from_config(&new)));
+                    live.settings
+                        .store(Arc::new(AdminSettings::from_config(&new)));
+                    match live.admin.move_to(new.admin.listen).await {
+                        Ok(Some(addr)) => tracing::info!("admin listener moved to {addr}"),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(
+                            "reload: admin.listen: {e}; the admin listener stays where it is"
+                        ),
+                    }
                     for field in &restart {
                         tracing::warn!("reload: {field} changed; it takes effect after a restart");
                     }
@@ -396,9 +418,6 @@ pub fn reload(
     }
     if new.upstream.max_concurrency != current.upstream.max_concurrency {
         restart.push("upstream.max_concurrency");
-    }
-    if new.admin.listen != current.admin.listen {
-        restart.push("admin.listen");
     }
     // The store is opened once: every one of its settings waits for a restart.
     let (a, b) = (&new.store, &current.store);
