@@ -82,9 +82,9 @@ impl Handler for ProxyHandler {
 
 /// Opens the configured store.
 fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
-    match config.store.backend {
+    let backend: Arc<dyn Store> = match config.store.backend {
         Backend::Redis => {
-            // Validation guarantees a URL or cluster seed nodes with backend = "redis".
+            // Validation guarantees a URL, cluster seed nodes or sentinels with backend = "redis".
             let url = config
                 .store
                 .redis_url
@@ -99,15 +99,10 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
             opts.cluster = config.store.redis_cluster.clone();
             opts.sentinels = config.store.redis_sentinels.clone();
             opts.master_name = config.store.redis_master_name.clone();
-            let s = RedisStore::open(&opts).map_err(|source| AppError::Store {
+            Arc::new(RedisStore::open(&opts).map_err(|source| AppError::Store {
                 path: crate::config::redact_url(url),
                 source,
-            })?;
-            Ok(Instrumented::start(
-                Arc::new(s),
-                config.store.timeout,
-                config.store.sweep_interval,
-            ))
+            })?)
         }
         Backend::Sled => {
             let opts = SledOptions {
@@ -117,19 +112,22 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
                 periodic_flush: DEFAULT_PERIODIC_FLUSH,
                 max_size: config.store.max_size,
             };
-            let s = SledStore::open(&opts, Arc::new(SystemClock)).map_err(|source| {
-                AppError::Store {
-                    path: config.store.path.display().to_string(),
-                    source,
-                }
-            })?;
-            Ok(Instrumented::start(
-                Arc::new(s),
-                config.store.timeout,
-                config.store.sweep_interval,
-            ))
+            Arc::new(
+                SledStore::open(&opts, Arc::new(SystemClock)).map_err(|source| {
+                    AppError::Store {
+                        path: config.store.path.display().to_string(),
+                        source,
+                    }
+                })?,
+            )
         }
-    }
+    };
+    // Every backend gets the same bounds, metrics and sweeper.
+    Ok(Instrumented::start(
+        backend,
+        config.store.timeout,
+        config.store.sweep_interval,
+    ))
 }
 
 /// Runs the proxy until `shutdown` resolves (normally [`server::shutdown::signal_then_force`]); returns how the

@@ -62,28 +62,15 @@ fn table(doc: &str) -> Value {
     json!({ "type": "object", "additionalProperties": false, "description": doc, "properties": {} })
 }
 
-/// Puts `value` at the dotted `path` under `root`'s properties (tables first, as `KEYS` lists them).
+/// Puts `value` at the dotted `path` under `root`'s properties (`KEYS` lists each table before its
+/// keys, so the tables on the way exist).
 fn insert(root: &mut Value, path: &str, value: Value) {
+    let (parents, last) = path.rsplit_once('.').map_or(("", path), |(p, l)| (p, l));
     let mut at = root;
-    let mut parts = path.split('.').peekable();
-    while let Some(part) = parts.next() {
-        let props = &mut at["properties"];
-        if parts.peek().is_none() {
-            // A table declared before its keys keeps the keys it already has.
-            if let (Some(old), true) = (props.get(part), value["type"] == "object") {
-                let mut merged = value.clone();
-                merged["properties"] = old["properties"].clone();
-                props[part] = merged;
-            } else {
-                props[part] = value;
-            }
-            return;
-        }
-        if props.get(part).is_none() {
-            props[part] = table("");
-        }
-        at = &mut props[part];
+    for part in parents.split('.').filter(|p| !p.is_empty()) {
+        at = &mut at["properties"][part];
     }
+    at["properties"][last] = value;
 }
 
 fn property(k: &Key) -> Value {

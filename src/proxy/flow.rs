@@ -157,7 +157,7 @@ impl Proxy {
         } = selected;
         // Phase 2: under rules? Anything else streams through untouched.
         let rule = &route.rule;
-        if !rule.enabled || !rule.methods.contains(req.method()) {
+        if !route.protects(req.method()) {
             return live.pass_through(req, peer, progress).await;
         }
         if upgrade::requested(req.headers()).is_some() {

@@ -69,23 +69,22 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         }
         _ => {}
     }
-    // Cluster seed nodes and sentinels select Redis as a URL does.
-    let redis_url = redis_url
-        .or_else(|| redis_cluster.first().cloned())
-        .or_else(|| redis_sentinels.first().cloned());
+    // Each of the three selects Redis; the first given is named in errors.
+    let redis_given = given_ways.first().copied();
     let url_source = if o.redis_url.is_some() {
         " (from --redis-url or IDEMPROXY_REDIS_URL)"
     } else {
         ""
     };
-    let backend = match (explicit.as_deref(), &redis_url) {
+    let backend = match (explicit.as_deref(), redis_given) {
         (None, Some(_)) | (Some("redis"), Some(_)) => Some(Backend::Redis),
         (None, None) | (Some("sled"), None) => Some(Backend::Sled),
-        (Some("sled"), Some(_)) => {
+        (Some("sled"), Some(key)) => {
+            let from = if key == "redis_url" { url_source } else { "" };
             p.push(
                 s.path_of("backend"),
                 format!(
-                    "\"sled\" conflicts with store.redis_url{url_source}: a Redis URL selects the \
+                    "\"sled\" conflicts with store.{key}{from}: a Redis URL selects the \
                      Redis backend; remove one of the two"
                 ),
             );
@@ -94,7 +93,8 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         (Some("redis"), None) => {
             p.push(
                 s.path_of("redis_url"),
-                "missing: backend = \"redis\" needs redis_url (or --redis-url / IDEMPROXY_REDIS_URL)",
+                "missing: backend = \"redis\" needs redis_url, redis_cluster or redis_sentinels \
+                 (or --redis-url / IDEMPROXY_REDIS_URL)",
             );
             None
         }
@@ -106,19 +106,20 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
             None
         }
     };
-    let urls: Vec<(String, &String)> = if redis_cluster.is_empty() {
-        redis_url
-            .iter()
-            .map(|u| (s.path_of("redis_url"), u))
-            .collect()
-    } else {
-        let base = s.path_of("redis_cluster");
-        redis_cluster
-            .iter()
+    // Every Redis URL, with its TOML path.
+    let list = |key: &str, urls: &[String]| -> Vec<(String, String)> {
+        let base = s.path_of(key);
+        urls.iter()
             .enumerate()
-            .map(|(i, u)| (format!("{base}[{i}]"), u))
+            .map(|(i, u)| (format!("{base}[{i}]"), u.clone()))
             .collect()
     };
+    let urls: Vec<(String, String)> = redis_url
+        .iter()
+        .map(|u| (s.path_of("redis_url"), u.clone()))
+        .chain(list("redis_cluster", &redis_cluster))
+        .chain(list("redis_sentinels", &redis_sentinels))
+        .collect();
     for (path, u) in &urls {
         use redis::IntoConnectionInfo;
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
@@ -229,11 +230,7 @@ pub(super) fn read_store(mut s: Section, o: &Overrides, p: &mut Problems) -> Opt
         sweep_interval,
         max_size: max_size?,
         timeout,
-        redis_url: if redis_cluster.is_empty() && redis_sentinels.is_empty() {
-            redis_url
-        } else {
-            None
-        },
+        redis_url,
         redis_cluster,
         redis_sentinels,
         redis_master_name: redis_master_name.unwrap_or_default(),

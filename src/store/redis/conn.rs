@@ -68,46 +68,56 @@ impl Conn {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Runs a script that only reads (or whose writes need no replica), once.
+    /// Runs a script that only reads (or whose writes need no replica), once (again only if nothing
+    /// can have been sent: see `not_sent`).
     pub(super) async fn eval(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        self.once(call, None).await.map(|(v, _)| v)
+    }
+
+    /// Runs a script that writes, followed by `WAIT` when replicas must acknowledge it, once (again
+    /// only if nothing can have been sent).
+    pub(super) async fn write(&self, call: &Call<'_>) -> Result<Written, StoreError> {
+        let (value, acks) = self.once(call, self.wait()).await?;
+        Ok(self.judge(value, acks))
+    }
+
+    /// [`Conn::write`], where fewer acknowledgements than required are a store error.
+    pub(super) async fn write_acked(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        self.write(call).await.and_then(|w| self.acked(w))
+    }
+
+    fn acked(&self, w: Written) -> Result<Value, StoreError> {
+        match w {
+            Written::Acked(v) => Ok(v),
+            Written::Unacked { got, .. } => Err(self.unacked(got)),
+        }
+    }
+
+    async fn once(
+        &self,
+        call: &Call<'_>,
+        wait: Option<(u32, u64)>,
+    ) -> Result<(Value, Option<i64>), StoreError> {
         let (link, n) = (&self.link, self.turn());
         self.bounded(async move {
             let mut c = link.get(n).await?;
-            match run(&mut c, call, None).await {
-                // Refused: nothing was sent and the manager has started to reconnect; once Redis is
-                // back, the first request after an outage should not be the one that fails.
-                Err(e) if e.is_connection_refusal() => run(&mut c, call, None).await,
+            match run(&mut c, call, wait).await {
+                // Nothing was sent, and the manager has started to reconnect: once Redis is back (a
+                // restart closes every connection), the first request should not be the one that fails.
+                Err(e) if not_sent(&e) => run(&mut c, call, wait).await,
                 r => r,
             }
         })
         .await
         .inspect_err(|_| self.link.suspect())
-        .map(|(v, _)| v)
-    }
-
-    /// Runs a script that writes, followed by `WAIT` when replicas must acknowledge it. Tried once
-    /// (again only if nothing can have been sent: see `not_sent`).
-    pub(super) async fn write(&self, call: &Call<'_>) -> Result<Written, StoreError> {
-        let (link, n) = (&self.link, self.turn());
-        let wait = self.wait();
-        let (value, acks) = self
-            .bounded(async move {
-                let mut c = link.get(n).await?;
-                match run(&mut c, call, wait).await {
-                    Err(e) if not_sent(&e) => run(&mut c, call, wait).await,
-                    r => r,
-                }
-            })
-            .await
-            .inspect_err(|_| self.link.suspect())?;
-        Ok(self.judge(value, acks))
     }
 
     /// Like [`Conn::write`], for a write that may run twice (its script checks the fencing token, so
     /// a second run after a first one whose answer was lost changes nothing): tried again on a broken
     /// connection until the operation's deadline, so that a write under way when the primary fails
     /// over lands on the promoted one.
-    pub(super) async fn write_retrying(&self, call: &Call<'_>) -> Result<Written, StoreError> {
+    /// Fewer acknowledgements than required are a store error.
+    pub(super) async fn write_retrying(&self, call: &Call<'_>) -> Result<Value, StoreError> {
         let wait = self.wait();
         let (link, first) = (&self.link, self.turn());
         let (value, acks) = self
@@ -130,12 +140,17 @@ impl Conn {
             })
             .await
             .inspect_err(|_| self.link.suspect())?;
-        Ok(self.judge(value, acks))
+        self.acked(self.judge(value, acks))
     }
 
-    /// `(replicas, ms)` for `WAIT`: leaves a quarter of the deadline to get the answer back.
+    /// How long `WAIT` waits: three quarters of the deadline, leaving the rest to get the answer back.
+    fn wait_bound(&self) -> Duration {
+        self.op_timeout * 3 / 4
+    }
+
+    /// `(replicas, ms)` for `WAIT`, when replicas must acknowledge writes.
     fn wait(&self) -> Option<(u32, u64)> {
-        (self.min_replicas > 0).then(|| (self.min_replicas, ms(self.op_timeout * 3 / 4).max(1)))
+        (self.min_replicas > 0).then(|| (self.min_replicas, ms(self.wait_bound()).max(1)))
     }
 
     fn judge(&self, value: Value, acks: Option<i64>) -> Written {
@@ -179,7 +194,7 @@ impl Conn {
             "the write reached the primary, but {got} of the {} replicas required \
              (redis_min_replicas) acknowledged it within {:?}",
             self.min_replicas,
-            self.op_timeout * 3 / 4
+            self.wait_bound()
         ))
     }
 }

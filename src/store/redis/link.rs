@@ -124,14 +124,22 @@ impl SentinelLink {
             return Ok(m);
         }
         let info = self.master_info().await?;
-        let client = Client::open(info)?;
-        let managers: Arc<[ConnectionManager]> = (0..self.connections)
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone()))
-            .collect::<Result<Vec<_>, _>>()?
-            .into();
+        let managers = lazy_managers(&Client::open(info)?, &self.config, self.connections)?;
         *self.current.lock() = Some(Arc::clone(&managers));
         Ok(managers)
     }
+}
+
+/// `n` connections on `client`, each made on first use (and made again by itself after a failure).
+pub(super) fn lazy_managers(
+    client: &Client,
+    config: &ConnectionManagerConfig,
+    n: usize,
+) -> Result<Arc<[ConnectionManager]>, RedisError> {
+    (0..n)
+        .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Into::into)
 }
 
 /// A Redis Cluster client and its connection, once made.

@@ -345,8 +345,6 @@ impl RedisStore {
     }
 }
 
-/// One endpoint: the command connections (several when writes wait for replicas: a `WAIT` holds its
-/// connection) and the RESP3 pub/sub connection.
 /// How connections to one endpoint behave.
 fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
@@ -394,6 +392,8 @@ fn sentinel_link(
     ))
 }
 
+/// One endpoint: the command connections (several when writes wait for replicas: a `WAIT` holds its
+/// connection) and the RESP3 pub/sub connection.
 fn single_link(
     opts: &RedisOptions,
     on_push: impl ::redis::aio::AsyncPushSender + Clone,
@@ -405,10 +405,7 @@ fn single_link(
         .map_err(backend_err)?;
     let config = manager_config(opts);
     let client = Client::open(info.clone()).map_err(backend_err)?;
-    let managers = (0..connections(opts))
-        .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(backend_err)?;
+    let managers = link::lazy_managers(&client, &config, connections(opts)).map_err(backend_err)?;
     // Pub/sub messages arrive as RESP3 pushes on a connection of their own.
     let resp3 = info
         .redis_settings()
@@ -417,7 +414,7 @@ fn single_link(
     let sub_client = Client::open(info.set_redis_settings(resp3)).map_err(backend_err)?;
     let sub = ConnectionManager::new_lazy_with_config(sub_client, config.set_push_sender(on_push))
         .map_err(backend_err)?;
-    Ok((link::Link::Single(managers.into()), link::Sub::Single(sub)))
+    Ok((link::Link::Single(managers), link::Sub::Single(sub)))
 }
 
 /// A Redis Cluster: the cluster client's connection for commands, and a second, RESP3 one for

@@ -82,19 +82,11 @@ impl Inner {
             .arg(token)
             .arg(hex::encode(key.scope))
             .arg(self.names.channel(key));
-        if int(acked(&self.conn, self.conn.write_retrying(&inv).await?)?)? != 1 {
+        if int(self.conn.write_retrying(&inv).await?)? != 1 {
             return Ok(Committed::Stale);
         }
         self.watchers.notify(key);
         Ok(Committed::Done)
-    }
-}
-
-/// The answer of a write that had to be acknowledged by replicas, or the store error it is.
-fn acked(conn: &Conn, w: Written) -> Result<Value, StoreError> {
-    match w {
-        Written::Acked(v) => Ok(v),
-        Written::Unacked { got, .. } => Err(conn.unacked(got)),
     }
 }
 
@@ -152,7 +144,7 @@ impl Store for RedisStore {
             .arg(response)
             .arg(hex::encode(key.scope))
             .arg(s.names.channel(key));
-        if int(acked(&s.conn, s.conn.write_retrying(&inv).await?)?)? != 1 {
+        if int(s.conn.write_retrying(&inv).await?)? != 1 {
             return Ok(Committed::Stale);
         }
         // Waiters in this process need not wait for the round trip through pub/sub.
@@ -229,7 +221,7 @@ impl StoreAdmin for RedisStore {
         inv.key(s.names.index(id))
             .arg(s.names.record_prefix(id))
             .arg(s.names.channel_prefix(id));
-        let scopes = strings(acked(&s.conn, s.conn.write(&inv).await?)?)?;
+        let scopes = strings(s.conn.write_acked(&inv).await?)?;
         for scope in &scopes {
             let mut key = StoreKey {
                 id: *id,

@@ -16,10 +16,7 @@ impl Inner {
             inv.key(self.names.tokens())
                 .arg(TOKEN_BLOCK)
                 .arg(floor.max(t.high));
-            let last = match self.conn.write(&inv).await? {
-                Written::Acked(v) => num(&bytes(v)?)?,
-                Written::Unacked { got, .. } => return Err(self.conn.unacked(got)),
-            };
+            let last = num(&bytes(self.conn.write_acked(&inv).await?)?)?;
             t.next = last.saturating_sub(TOKEN_BLOCK) + 1;
             t.last = last;
         }
@@ -80,11 +77,7 @@ impl Renewal {
                 .arg(ms(self.lease))
                 .arg(pin_arg(self.pin.as_ref()))
                 .arg(self.margin_ms);
-            let written = self.conn.write(&inv).await.and_then(|w| match w {
-                Written::Acked(v) => int(v),
-                Written::Unacked { got, .. } => Err(self.conn.unacked(got)),
-            });
-            match written {
+            match self.conn.write_acked(&inv).await.and_then(int) {
                 Ok(1) => {}
                 Ok(_) => {
                     tracing::debug!(
