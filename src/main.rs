@@ -25,10 +25,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check(args)) => check(&args),
-        Some(Command::Demo { listen, log_format }) => {
-            telemetry::init(log_format);
-            block_on(async move { Ok(demo::run(&listen, signal_then_force()).await?) })
-        }
+        Some(Command::Demo { listen, log_format }) => serve(log_format, None, async move {
+            Ok(demo::run(&listen, signal_then_force()).await?)
+        }),
         Some(Command::Health(args)) => health::main(&args),
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
@@ -69,11 +68,18 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(args.log_format);
-    block_on(async move { Ok(app::run(config, Some(source), signal_then_force()).await?) })
+    let otlp = config.telemetry.otlp_endpoint.clone();
+    serve(args.log_format, otlp.as_deref(), async move {
+        Ok(app::run(config, Some(source), signal_then_force()).await?)
+    })
 }
 
-fn block_on(f: impl std::future::Future<Output = anyhow::Result<Drain>>) -> ExitCode {
+/// Starts the runtime and the logs (and traces) on it, runs `f`, then sends the last spans.
+fn serve(
+    log_format: telemetry::LogFormat,
+    otlp_endpoint: Option<&str>,
+    f: impl std::future::Future<Output = anyhow::Result<Drain>>,
+) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,7 +90,23 @@ fn block_on(f: impl std::future::Future<Output = anyhow::Result<Drain>>) -> Exit
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(f);
+    let telemetry = {
+        let _in_runtime = rt.enter();
+        telemetry::init(log_format, otlp_endpoint)
+    };
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            // An OTEL_* variable the exporter cannot use: a configuration error.
+            eprintln!("idemproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async move {
+        let result = f.await;
+        telemetry.shutdown().await;
+        result
+    });
     // Blocking work that cannot finish (a store stuck on a full disk) must not hold up the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {

@@ -417,6 +417,10 @@ pub fn reload(
     if new.upstream.max_concurrency != current.upstream.max_concurrency {
         restart.push("upstream.max_concurrency");
     }
+    // The exporter is built once, at start.
+    if new.telemetry != current.telemetry {
+        restart.push("telemetry.otlp_endpoint");
+    }
     // The store is opened once: every one of its settings waits for a restart.
     let (a, b) = (&new.store, &current.store);
     let store_keys = [

@@ -82,6 +82,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[admin]`: health, readiness, metrics and key administration.
     pub admin: AdminConfig,
+    /// `[telemetry]`: traces.
+    pub telemetry: TelemetryConfig,
     /// `[defaults]`: the rule set of requests that match no route (route name `default`).
     pub defaults: Rule,
     /// `[[routes]]`, in file order: the first whose path matches wins.
@@ -212,6 +214,14 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token for `/admin/*`; `None` disables those endpoints.
     pub token: Option<String>,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector base URL (spans go to `{otlp_endpoint}/v1/traces`), without a trailing `/`.
+    /// `None`: no traces, unless `OTEL_EXPORTER_OTLP_ENDPOINT` or `..._TRACES_ENDPOINT` is set.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A `[[routes]]` entry: a path glob and its fully resolved rules.

@@ -138,6 +138,8 @@ pub const KEYS: &[Key] = &[
     key("admin", K::Table, D::None, "health, readiness, metrics and key administration"),
     key("admin.listen", K::Address, D::Str(DEFAULT_ADMIN_LISTEN), "admin listener (health, readiness, metrics, key API)"),
     key("admin.token", K::Str, D::None, "bearer token for `/admin/*` (or `IDEMPROXY_ADMIN_TOKEN`)"),
+    key("telemetry", K::Table, D::None, "traces (see *Observe*)"),
+    key("telemetry.otlp_endpoint", K::Url, D::None, "OpenTelemetry collector, OTLP over HTTP/protobuf: spans are posted to `{otlp_endpoint}/v1/traces` (e.g. `\"http://collector:4318\"`); off when unset, unless `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set. Standard `OTEL_*` variables are honoured (service name, resource, sampler, headers, batching). A client's W3C `traceparent` is continued and sent on to the upstream"),
     key("defaults", K::Table, D::None, "the rules of requests that match no route (route name `default`)"),
 ];
 
@@ -445,7 +447,7 @@ mod tests {
     #[test]
     fn every_declared_key_is_accepted() {
         let mut text = String::new();
-        for section in ["server", "upstream", "store", "admin"] {
+        for section in ["server", "upstream", "store", "admin", "telemetry"] {
             text.push_str(&format!("[{section}]\n"));
             for k in KEYS.iter().filter(|k| {
                 k.kind != K::Table

@@ -20,8 +20,10 @@
 //! Phases 5–7 run inline and move to a task of their own if the client disconnects first (see
 //! `detach`), so a claimed exchange is forwarded and recorded either way.
 //!
-//! Each request runs in one `request` span carrying its method, route, outcome and redacted key; log
-//! lines inside it carry those fields. The span is at debug level, so that it costs nothing unless
+//! Each request runs in one `request` span carrying its method, route, outcome, status and redacted
+//! key, with child spans `claim`, `upstream` (the exchange), `record` and `release`; log lines inside
+//! it carry those fields, and with traces on they are exported (see `telemetry`: a client's
+//! `traceparent` is continued, the upstream gets one naming the `upstream` span). The span is at debug level, so that it costs nothing unless
 //! asked for (`RUST_LOG=idemproxy=debug`); the warnings and errors a request can log name its route
 //! and redacted key themselves.
 
@@ -108,7 +110,18 @@ impl Proxy {
     ) -> Answer {
         let _inflight = InflightGuard::request();
         let live = self.live.load_full();
-        let span = tracing::debug_span!("request", method = %req.method(), route = Empty, outcome = Empty, key = Empty);
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            route = Empty,
+            outcome = Empty,
+            key = Empty,
+            http.response.status_code = Empty,
+            otel.kind = "server",
+            otel.name = Empty,
+            otel.status_code = Empty,
+        );
+        crate::telemetry::continue_trace(&span, req.headers());
         // Kept for the error log; a `Uri` clone shares its bytes (no copy).
         let uri = req.uri().clone();
         // Phase 1: select the route on the normalized path; the upstream gets the path as sent.
@@ -123,6 +136,10 @@ impl Proxy {
             }
         };
         span.record("route", &*route.name);
+        if !span.is_disabled() {
+            // Named as OpenTelemetry's HTTP conventions name server spans: method and route.
+            span.record("otel.name", format!("{} {}", req.method(), route.name));
+        }
         let limit = live.limits.request_timeout;
         let progress = Progress::new(tokio::time::Instant::now() + limit);
         let selected = Selected {
@@ -185,7 +202,8 @@ impl Proxy {
             a
         };
         // Phase 4: claim the key.
-        let claim = match self.claim(route, &req, progress).await? {
+        let claiming = self.claim(route, &req, progress);
+        let claim = match claiming.instrument(tracing::debug_span!("claim")).await? {
             Claimed::Ours(c) => c,
             Claimed::Answered(a) => return Ok(tell(a)),
             Claimed::StoreFailed(e) => {
@@ -444,11 +462,10 @@ impl Proxy {
         rule: &Rule,
         result: NewResult,
     ) -> Result<(), ProxyError> {
-        match self
+        let completing = self
             .store
-            .complete(&claim.key, claim.token, result, rule.ttl)
-            .await
-        {
+            .complete(&claim.key, claim.token, result, rule.ttl);
+        match completing.instrument(tracing::debug_span!("record")).await {
             Ok(Committed::Done) => {
                 tracing::debug!("recorded");
                 Ok(())
@@ -474,7 +491,8 @@ impl Proxy {
 
     /// Frees a claimed key (nothing was sent, or the answer is not to be kept).
     async fn release(&self, claim: &Claim) {
-        if let Err(e) = self.store.release(&claim.key, claim.token).await {
+        let releasing = self.store.release(&claim.key, claim.token);
+        if let Err(e) = releasing.instrument(tracing::debug_span!("release")).await {
             tracing::error!(route = %claim.route, key = %claim.redacted, error = %e, "could not release the key; it frees when its lease ends");
             self.store.abandon(claim.token);
         }
@@ -526,6 +544,10 @@ fn respond(
         }
     };
     span.record("outcome", outcome.as_str());
+    span.record("http.response.status_code", resp.status().as_u16());
+    if resp.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     route.counters.count(outcome);
     (resp, outcome)
 }

@@ -10,6 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{header, request::Parts, uri::Scheme, HeaderName, HeaderValue, Request, Response};
+use tracing::{field::Empty, Instrument};
 
 use super::{
     error::ProxyError,
@@ -38,9 +39,21 @@ impl Live {
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         self.prepare(&mut parts, peer);
-        self.upstream
-            .send(Request::from_parts(parts, body), timeout)
-            .await
+        let span = tracing::debug_span!(
+            "upstream",
+            method = %parts.method,
+            http.response.status_code = Empty,
+            otel.kind = "client",
+        );
+        crate::telemetry::inject(&span, &mut parts.headers);
+        let sending = self
+            .upstream
+            .send(Request::from_parts(parts, body), timeout);
+        let resp = sending.instrument(span.clone()).await;
+        if let Ok(r) = &resp {
+            span.record("http.response.status_code", r.status().as_u16());
+        }
+        resp
     }
 
     /// Rewrites a client request's head for the upstream: hop-by-hop headers out, `X-Forwarded-*` in,

@@ -25,7 +25,7 @@ use super::{
     Config, ConfigErrors, Overrides, Route,
 };
 use rules::{builtin_rule, read_rule};
-use sections::{read_admin, read_server, read_upstream};
+use sections::{read_admin, read_server, read_telemetry, read_upstream};
 use store::read_store;
 
 /// Builds the typed config, or every problem found.
@@ -38,6 +38,7 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
     let upstream = root.take_table("upstream", &mut p);
     let store = root.take_table("store", &mut p);
     let admin = root.take_table("admin", &mut p);
+    let telemetry = root.take_table("telemetry", &mut p);
     let defaults = root.take_table("defaults", &mut p);
     let routes = root.take_table_list("routes", &mut p);
     root.finish(&mut p);
@@ -57,6 +58,10 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
     );
     let admin = read_admin(
         admin.unwrap_or_else(|| Section::new("admin", Default::default())),
+        &mut p,
+    );
+    let telemetry = read_telemetry(
+        telemetry.unwrap_or_else(|| Section::new("telemetry", Default::default())),
         &mut p,
     );
 
@@ -139,12 +144,13 @@ pub(super) fn build(mut table: toml::Table, o: &Overrides) -> Result<Config, Con
     if !p.0.is_empty() {
         return Err(ConfigErrors(p.0));
     }
-    match (server, upstream, store, admin) {
-        (Some(server), Some(upstream), Some(store), Some(admin)) => Ok(Config {
+    match (server, upstream, store, admin, telemetry) {
+        (Some(server), Some(upstream), Some(store), Some(admin), Some(telemetry)) => Ok(Config {
             server,
             upstream,
             store,
             admin,
+            telemetry,
             defaults,
             routes: out_routes,
             notes: p.1,

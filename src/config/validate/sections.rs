@@ -1,16 +1,15 @@
-//! `[server]`, `[upstream]` and `[admin]`.
+//! `[server]`, `[upstream]`, `[admin]` and `[telemetry]`.
 
 use std::net::IpAddr;
 
-use http::Uri;
 use ipnet::IpNet;
 
-use super::values::{addr, count, duration, file_path, size};
+use super::values::{addr, count, duration, file_path, http_url, size};
 use crate::config::{
     bounds,
     defaults::*,
     file::{Problems, Section},
-    redact_url, AdminConfig, CertKey, ServerConfig, TlsConfig, UpstreamConfig,
+    redact_url, AdminConfig, CertKey, ServerConfig, TelemetryConfig, TlsConfig, UpstreamConfig,
 };
 
 pub(super) fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConfig> {
@@ -107,16 +106,6 @@ pub(super) fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConf
 
 /// Whether an authority's port, if it has one, is a number from 1 to 65535 (`http::Uri` accepts
 /// `host:abc` and then falls back to the scheme's port).
-fn port_ok(authority: &str) -> bool {
-    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
-    match authority[host_end..].rfind(':') {
-        None => true,
-        Some(i) => authority[host_end + i + 1..]
-            .parse::<u16>()
-            .is_ok_and(|p| p > 0),
-    }
-}
-
 /// `trusted_proxies`: CIDR blocks (`10.0.0.0/8`) or single addresses.
 fn trusted_proxies(s: &mut Section, p: &mut Problems) -> Option<Vec<IpNet>> {
     let Some(list) = s.take_str_list("trusted_proxies", p) else {
@@ -148,35 +137,7 @@ pub(super) fn read_upstream(mut s: Section, p: &mut Problems) -> Option<Upstream
         .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
     // Never echoed with its credentials (rule 17): errors show the URL redacted.
     let shown = redact_url(&raw);
-    let url = match raw.parse::<Uri>() {
-        Ok(u) if !matches!(u.scheme_str(), Some("http" | "https")) => {
-            p.push(
-                s.path_of("url"),
-                format!("\"{shown}\": the scheme must be http or https"),
-            );
-            None
-        }
-        Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
-            p.push(
-                s.path_of("url"),
-                format!(
-                    "\"{shown}\": credentials in the upstream URL are not allowed (they would be \
-                     logged and sent in Host); have the client send Authorization instead"
-                ),
-            );
-            None
-        }
-        Ok(u) if u.authority().is_none() => {
-            p.push(s.path_of("url"), format!("\"{shown}\": a host is required"));
-            None
-        }
-        Ok(u) if !port_ok(u.authority().map_or("", |a| a.as_str())) => {
-            p.push(
-                s.path_of("url"),
-                format!("\"{shown}\": the port must be a number from 1 to 65535"),
-            );
-            None
-        }
+    let url = match http_url(&raw, "have the client send Authorization instead") {
         Ok(u) if u.query().is_some() => {
             p.push(
                 s.path_of("url"),
@@ -186,7 +147,7 @@ pub(super) fn read_upstream(mut s: Section, p: &mut Problems) -> Option<Upstream
         }
         Ok(u) => Some(u),
         Err(e) => {
-            p.push(s.path_of("url"), format!("invalid URL \"{shown}\": {e}"));
+            p.push(s.path_of("url"), e);
             None
         }
     };
@@ -257,4 +218,31 @@ pub(super) fn read_admin(mut s: Section, p: &mut Problems) -> Option<AdminConfig
         listen: listen?,
         token: token.filter(|t| !t.is_empty()),
     })
+}
+
+pub(super) fn read_telemetry(mut s: Section, p: &mut Problems) -> Option<TelemetryConfig> {
+    let raw = s.take_str("otlp_endpoint", p);
+    let path = s.path_of("otlp_endpoint");
+    s.finish(p);
+    let otlp_endpoint = match raw {
+        None => None,
+        Some(raw) => {
+            match http_url(&raw, "set OTEL_EXPORTER_OTLP_HEADERS instead") {
+                Ok(u) if u.query().is_some() => {
+                    let shown = redact_url(&raw);
+                    p.push(
+                    path,
+                    format!("\"{shown}\": a query is not allowed (spans go to {{endpoint}}/v1/traces)"),
+                );
+                    return None;
+                }
+                Ok(_) => Some(raw.trim_end_matches('/').to_owned()),
+                Err(e) => {
+                    p.push(path, e);
+                    return None;
+                }
+            }
+        }
+    };
+    Some(TelemetryConfig { otlp_endpoint })
 }

@@ -3,15 +3,47 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use http::HeaderName;
+use http::{HeaderName, Uri};
 
 use crate::config::{
     bounds::{show_duration, show_size, Bounds},
     file::{Problems, RawSize, Section},
+    redact_url,
 };
 
 pub(super) fn header_name(s: &str) -> Option<HeaderName> {
     HeaderName::from_bytes(s.as_bytes()).ok()
+}
+
+/// An `http://` or `https://` URL with a host, a valid port and no credentials (they would be logged;
+/// `instead` says where they belong). The error is the reason, with the URL redacted (rule 17).
+pub(super) fn http_url(raw: &str, instead: &str) -> Result<Uri, String> {
+    let shown = redact_url(raw);
+    match raw.parse::<Uri>() {
+        Ok(u) if !matches!(u.scheme_str(), Some("http" | "https")) => {
+            Err(format!("\"{shown}\": the scheme must be http or https"))
+        }
+        Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => Err(format!(
+            "\"{shown}\": credentials in the URL are not allowed (they would be logged and sent in \
+             Host); {instead}"
+        )),
+        Ok(u) if u.authority().is_none() => Err(format!("\"{shown}\": a host is required")),
+        Ok(u) if !port_ok(u.authority().map_or("", |a| a.as_str())) => Err(format!(
+            "\"{shown}\": the port must be a number from 1 to 65535"
+        )),
+        Ok(u) => Ok(u),
+        Err(e) => Err(format!("invalid URL \"{shown}\": {e}")),
+    }
+}
+
+fn port_ok(authority: &str) -> bool {
+    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+    match authority[host_end..].rfind(':') {
+        None => true,
+        Some(i) => authority[host_end + i + 1..]
+            .parse::<u16>()
+            .is_ok_and(|p| p > 0),
+    }
 }
 
 pub(super) fn addr(
