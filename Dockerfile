@@ -12,20 +12,28 @@
 # Data: the sled store in the /data volume. docker/compose.yaml and docker/kubernetes.yaml show the sidecar
 # setups. tests/docker.rs checks that this file, the configs and those manifests agree.
 
+# The base images are build arguments: the defaults are the official Rust image and distroless. Where no
+# registry can be reached, scripts/container.sh builds local stand-ins from Debian packages and passes
+#   --build-arg BUILD_IMAGE=... --build-arg RUNTIME_IMAGE=...
+ARG BUILD_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
 # ---- build: the official Rust image, same Debian release (bookworm) as the runtime's glibc ----
-FROM rust:1-bookworm AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /build
 # The whole crate (.dockerignore keeps target/, .git/ and local data out): Cargo.toml declares every target.
 COPY . .
 # Cache mounts keep the registry and incremental build between builds; the binary is copied out of them.
+# The image's binary keeps its symbols (for profiles) but not the debug info the release profile adds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/build/target,sharing=locked \
+    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
     cargo build --release --locked --bin idemproxy \
     && install -D -m 0755 target/release/idemproxy /out/idemproxy \
     && mkdir -p /out/data
 
 # ---- runtime: distroless glibc + libgcc, no shell, no package manager ----
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="idemproxy" \
       org.opencontainers.image.description="An idempotency reverse proxy: retried POSTs never run twice" \
       org.opencontainers.image.licenses="Apache-2.0"

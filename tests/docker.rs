@@ -101,6 +101,8 @@ fn exec_form(s: &str) -> Option<Vec<String>> {
 
 #[derive(Debug)]
 struct Dockerfile {
+    /// `ARG NAME=default` lines before the first FROM (the base images).
+    args: BTreeMap<String, String>,
     /// Stages in order; each starts with its FROM.
     stages: Vec<Vec<Instr>>,
 }
@@ -117,6 +119,7 @@ struct Copy {
 impl Dockerfile {
     fn parse(text: &str) -> Dockerfile {
         let mut stages: Vec<Vec<Instr>> = Vec::new();
+        let mut globals = BTreeMap::new();
         let mut cur = String::new();
         let mut start = 0;
         for (i, raw) in text.lines().enumerate() {
@@ -145,6 +148,12 @@ impl Dockerfile {
             if instr.keyword == "FROM" {
                 stages.push(Vec::new());
             }
+            if instr.keyword == "ARG" && stages.is_empty() {
+                let (name, default) = instr.args.split_once('=').unwrap_or((&instr.args, ""));
+                globals.insert(name.trim().to_owned(), default.trim().to_owned());
+                cur.clear();
+                continue;
+            }
             stages
                 .last_mut()
                 .unwrap_or_else(|| panic!("line {start}: {kw} before any FROM"))
@@ -152,7 +161,10 @@ impl Dockerfile {
             cur.clear();
         }
         assert!(cur.is_empty(), "Dockerfile ends inside a line continuation");
-        Dockerfile { stages }
+        Dockerfile {
+            args: globals,
+            stages,
+        }
     }
 
     fn load() -> Dockerfile {
@@ -163,14 +175,18 @@ impl Dockerfile {
         self.stages.last().expect("no FROM in the Dockerfile")
     }
 
-    /// `FROM image AS name` of a stage: (image, name).
-    fn from(stage: &[Instr]) -> (String, Option<String>) {
+    /// `FROM image AS name` of a stage: (image, name), with `${ARG}` replaced by its default.
+    fn from(&self, stage: &[Instr]) -> (String, Option<String>) {
         let words: Vec<&str> = stage[0].args.split_whitespace().collect();
-        let image = words
+        let mut image = words
             .iter()
             .find(|w| !w.starts_with("--"))
             .unwrap()
             .to_string();
+        for (name, default) in &self.args {
+            image = image.replace(&format!("${{{name}}}"), default);
+        }
+        assert!(!image.contains('$'), "FROM {image}: an ARG without a default");
         let name = words
             .iter()
             .position(|w| w.eq_ignore_ascii_case("as"))
@@ -372,7 +388,7 @@ fn dockerfile_matches_the_config_and_the_binary() {
 
     // Build in the official Rust image with the lock file; run in a slim or distroless image.
     let build = &df.stages[0];
-    let (build_image, build_name) = Dockerfile::from(build);
+    let (build_image, build_name) = df.from(build);
     assert!(
         build_image.starts_with("rust:"),
         "build stage FROM {build_image}"
@@ -386,7 +402,7 @@ fn dockerfile_matches_the_config_and_the_binary() {
         build_runs.contains("cargo build --release --locked"),
         "build stage must run `cargo build --release --locked`: {build_runs}"
     );
-    let (runtime_image, _) = Dockerfile::from(df.runtime());
+    let (runtime_image, _) = df.from(df.runtime());
     assert!(
         runtime_image.contains("distroless") || runtime_image.contains("slim"),
         "runtime FROM {runtime_image}"
