@@ -7,7 +7,11 @@
 # - the systemd unit is rated by systemd-analyze (Debian's systemd);
 # - the full-disk tests mount a small tmpfs (root);
 # - the power-loss test runs the data dir on a FUSE file system that drops unsynced writes
-#   (tests/support/lazyfs.py: python3 with fusepy, libfuse2, fuse3, /dev/fuse).
+#   (tests/support/lazyfs.py: python3 with fusepy, libfuse2, fuse3, /dev/fuse);
+# - the OTLP test receives the proxy's spans on a real OTLP/HTTP receiver of its own;
+# - then scripts/container.sh builds the image from the Dockerfile and runs it with podman, and
+#   scripts/deb.sh builds the .deb and installs it in a Debian container (both as root: they install
+#   podman, runc and debootstrap, and cargo-deb).
 # As root on Debian this installs what is missing; otherwise it says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +42,15 @@ if ! python3 -c 'import matplotlib' >/dev/null 2>&1; then
   python3 -m pip install -q matplotlib || echo "test.sh: matplotlib not installed; the dashboard PNG is not rendered" >&2
 fi
 
-exec cargo test "$@"
+cargo test "$@"
+
+# The image and the package, built and run for real (podman; root). With arguments (a test filter)
+# only those cargo tests run.
+[ "$#" -eq 0 ] || exit 0
+if [ "$(id -u)" = 0 ]; then
+  scripts/container.sh
+  scripts/deb.sh
+else
+  echo "test.sh: the container image and Debian package checks need root (podman):" >&2
+  echo "  sudo scripts/container.sh && sudo scripts/deb.sh" >&2
+fi

@@ -186,7 +186,10 @@ impl Dockerfile {
         for (name, default) in &self.args {
             image = image.replace(&format!("${{{name}}}"), default);
         }
-        assert!(!image.contains('$'), "FROM {image}: an ARG without a default");
+        assert!(
+            !image.contains('$'),
+            "FROM {image}: an ARG without a default"
+        );
         let name = words
             .iter()
             .position(|w| w.eq_ignore_ascii_case("as"))
