@@ -3,9 +3,9 @@
 //! - Logs: `tracing` to stderr, text by default or JSON with `IDEMPROXY_LOG_FORMAT=json`; the level
 //!   comes from `RUST_LOG` (default `info`).
 //! - Traces (off by default): the `request` span of each request and its children (`claim`,
-//!   `upstream`, `record`, `release`) exported over OTLP/HTTP ([`otlp`]) when `[telemetry]
+//!   `upstream`, `record`, `release`) exported over OTLP/HTTP (`otlp.rs`) when `[telemetry]
 //!   otlp_endpoint` or `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` is set; a client's W3C `traceparent`
-//!   is continued and the upstream gets its own ([`propagate`]).
+//!   is continued and the upstream gets its own (`propagate.rs`).
 //!
 //! The spans are at debug level: with traces off and `RUST_LOG` at `info` they are never created, so
 //! they cost nothing on the request path. With traces on, only the exporter sees them (the log filter
