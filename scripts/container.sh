@@ -122,12 +122,9 @@ say "image built in $((SECONDS - t))s"
 NAME=idemproxy-ci-$$
 VOLUME=idemproxy-ci-data-$$
 trap cleanup EXIT
-UP_PORT=$(free_port)
+start_upstream
 PROXY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
-python3 scripts/container/upstream.py "$UP_PORT" &
-UPSTREAM_PID=$!
-await "the upstream" 10 curl -fsS "http://127.0.0.1:$UP_PORT/started" || fail "no upstream"
 
 run_container() {
   # No systemd here to schedule the HEALTHCHECK: it is kept, and run below by `podman healthcheck run`.

@@ -41,13 +41,10 @@ say "$(basename "$deb"): $(($(stat -c %s "$deb") / 1000)) kB"
 dpkg-deb --info "$deb" | grep -E '^ (Package|Version|Depends|Section):' >&2
 
 debian_image
-UP_PORT=$(free_port)
+start_upstream
 PROXY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 DEMO_PORT=$(free_port)
-python3 scripts/container/upstream.py "$UP_PORT" &
-UPSTREAM_PID=$!
-await "the upstream" 10 curl -fsS "http://127.0.0.1:$UP_PORT/started" || fail "no upstream"
 
 # A clean Debian, the package mounted read-only; it runs until removed, commands go in with exec.
 podman run -d --name "$NAME" --network host -v "$(dirname "$deb"):/pkg:ro" "$DEBIAN_IMAGE" sleep infinity >/dev/null

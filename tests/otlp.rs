@@ -170,6 +170,15 @@ impl Receiver {
     }
 }
 
+/// A proxy exporting to `collector` via `[telemetry] otlp_endpoint`, in front of `upstream`.
+async fn traced_proxy(upstream: &Upstream, collector: SocketAddr) -> Proxy {
+    Proxy::builder(upstream.url())
+        .extra(&telemetry_table(collector))
+        .env(FAST_BATCHES.0, FAST_BATCHES.1)
+        .start()
+        .await
+}
+
 fn telemetry_table(collector: SocketAddr) -> String {
     format!("[telemetry]\notlp_endpoint = \"http://{collector}\"\n")
 }
@@ -207,11 +216,7 @@ fn upstream_traceparent(upstream: &Upstream, key: &str) -> (String, String, Stri
 async fn a_keyed_request_is_one_trace_continuing_the_clients_and_the_upstream_continues_it() {
     let (collector, addr) = Receiver::start();
     let upstream = Upstream::start();
-    let proxy = Proxy::builder(upstream.url())
-        .extra(&telemetry_table(addr))
-        .env(FAST_BATCHES.0, FAST_BATCHES.1)
-        .start()
-        .await;
+    let proxy = traced_proxy(&upstream, addr).await;
     let key = "order-7f3a9c-secret-part";
     let tp = traceparent(TRACE_ID, CLIENT_SPAN, "01");
     let headers = [
@@ -313,11 +318,7 @@ async fn a_keyed_request_is_one_trace_continuing_the_clients_and_the_upstream_co
 async fn a_request_without_traceparent_starts_a_trace_and_a_not_sampled_one_is_followed() {
     let (collector, addr) = Receiver::start();
     let upstream = Upstream::start();
-    let proxy = Proxy::builder(upstream.url())
-        .extra(&telemetry_table(addr))
-        .env(FAST_BATCHES.0, FAST_BATCHES.1)
-        .start()
-        .await;
+    let proxy = traced_proxy(&upstream, addr).await;
 
     // The client says "not sampled": the upstream is told the same, and nothing is exported.
     let unsampled = "22f7651916cd43dd8448eb211c80319c";

@@ -74,3 +74,11 @@ debian_image() {
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["/bin/bash"]' - "$DEBIAN_IMAGE" >/dev/null
 }
+
+# Starts scripts/container/upstream.py on a free port: sets UP_PORT and UPSTREAM_PID (kill it on exit).
+start_upstream() {
+  UP_PORT=$(free_port)
+  python3 "$REPO/scripts/container/upstream.py" "$UP_PORT" &
+  UPSTREAM_PID=$!
+  await "the upstream" 10 curl -fsS "http://127.0.0.1:$UP_PORT/started" || fail "no upstream"
+}
