@@ -4,8 +4,8 @@
 //! - a keyed request is one trace: the client's `traceparent` is continued (same trace id, the
 //!   client's span is the parent of `request`), `claim`, `upstream` and `record` are children of
 //!   `request`, and the upstream gets a `traceparent` naming the proxy's `upstream` span;
-//! - the `request` span carries the route, the outcome (forwarded, replayed, conflict), the status
-//!   and a redacted key, and no export contains a raw key;
+//! - the `request` span carries the route, the outcome (forwarded, replayed, mismatch, conflict), the
+//!   status and a redacted key, and no export contains a raw key;
 //! - a client's "not sampled" decision is followed: the upstream sees it, nothing is exported;
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` and `OTEL_SERVICE_NAME` are honoured without a `[telemetry]` table;
 //! - traces off (the default): the client's `traceparent` reaches the upstream untouched;
@@ -299,6 +299,30 @@ async fn a_keyed_request_is_one_trace_continuing_the_clients_and_the_upstream_co
         request.attr("http.response.status_code").as_deref(),
         Some("422")
     );
+
+    // While a first request holds its key, a duplicate gets 409, and its span says `conflict`; the
+    // first one's span ends after its answer, with `forwarded`.
+    let held_key = "held-order-1";
+    let addr = proxy.addr;
+    let first = tokio::spawn(async move { post_key(addr, "/gate/held", held_key, "x").await });
+    upstream.wait_gate_arrivals("held", 1).await;
+    let conflict_trace = "33f7651916cd43dd8448eb211c80319c";
+    let tp = traceparent(conflict_trace, CLIENT_SPAN, "01");
+    let headers = [
+        ("Idempotency-Key", held_key),
+        ("Content-Type", "text/plain"),
+        ("traceparent", tp.as_str()),
+    ];
+    send(proxy.addr, "POST", "/gate/held", &headers, "x")
+        .await
+        .assert_problem(409, "in-flight");
+    let spans = collector.trace(conflict_trace).await;
+    assert_eq!(
+        named(&spans, "POST default").attr("outcome").as_deref(),
+        Some("conflict")
+    );
+    upstream.release("held", 200);
+    assert_eq!(first.await.unwrap().status, 200);
 
     // Exports went to {endpoint}/v1/traces, and none of them holds the key.
     assert!(collector
