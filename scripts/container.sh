@@ -49,7 +49,9 @@ rust_image() {
   sysroot=$(rustc --print sysroot)
   say "building $RUST_IMAGE from $sysroot"
   # The build fetches crates: it trusts what this machine trusts (a TLS-inspecting egress proxy's CA).
-  local cas=/usr/local/share/ca-certificates
+  local cas
+  cas=$(mktemp -d)
+  find /usr/local/share/ca-certificates -name '*.crt' -exec cp {} "$cas/" ';' 2>/dev/null || true
   podman build -q -v "$cas:/host-ca:ro" -t "$RUST_IMAGE" -f - "$sysroot" >/dev/null <<EOT
 FROM $DEBIAN_IMAGE
 RUN find /host-ca -name '*.crt' -exec cp {} /usr/local/share/ca-certificates/ ';' && update-ca-certificates
@@ -60,6 +62,7 @@ ENV CARGO_HOME=/usr/local/cargo \
     PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN cargo --version && rustc --version && cc --version | head -1
 EOT
+  rm -rf "$cas"
 }
 
 # The distroless stand-in: package files only, nonroot user, no shell.
