@@ -23,9 +23,9 @@
 //! Each request runs in one `request` span carrying its method, route, outcome, status and redacted
 //! key, with child spans `claim`, `upstream` (the exchange), `record` and `release`; log lines inside
 //! it carry those fields, and with traces on they are exported (see `telemetry`: a client's
-//! `traceparent` is continued, the upstream gets one naming the `upstream` span). The span is at debug level, so that it costs nothing unless
-//! asked for (`RUST_LOG=idemproxy=debug`); the warnings and errors a request can log name its route
-//! and redacted key themselves.
+//! `traceparent` is continued, the upstream gets one naming the `upstream` span). The spans are at
+//! debug level, so that they cost nothing unless asked for (`RUST_LOG=idemproxy=debug`, or traces);
+//! the warnings and errors a request can log name their route and redacted key themselves.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 

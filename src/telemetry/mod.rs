@@ -43,11 +43,6 @@ pub struct Telemetry {
 const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn traces_on(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports the spans still queued (bounded; a dead collector does not hold up the exit).
     pub async fn shutdown(self) {
         let Some(provider) = self.provider else {
@@ -68,7 +63,7 @@ impl Telemetry {
 /// A second call installs nothing (the first subscriber stays) and exports nothing.
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let Some(provider) = otlp::provider(otlp_endpoint)? else {
+    let Some((provider, url)) = otlp::provider(otlp_endpoint)? else {
         // The filter as a global one: spans and events it disables are never created.
         let _ = tracing_subscriber::registry()
             .with(filter)
@@ -98,7 +93,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
         return Ok(Telemetry { provider: None });
     }
     propagate::turn_on();
-    tracing::info!(endpoint = %otlp::shown_endpoint(otlp_endpoint), "exporting traces over OTLP/HTTP");
+    tracing::info!(endpoint = %url, "exporting traces over OTLP/HTTP");
     Ok(Telemetry {
         provider: Some(provider),
     })

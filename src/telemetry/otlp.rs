@@ -31,45 +31,42 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// The tracer provider, or `None` when traces are off.
+/// Where spans go: `{otlp_endpoint}/v1/traces` (the config has no trailing `/`), else the standard
+/// variables; `None` when none is set.
+fn traces_url(otlp_endpoint: Option<&str>) -> Option<String> {
+    otlp_endpoint
+        .map(|base| format!("{base}/v1/traces"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| {
+            env("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
+        })
+}
+
+/// The tracer provider and the URL it posts to, or `None` when traces are off.
 pub(super) fn provider(
     otlp_endpoint: Option<&str>,
-) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+) -> Result<Option<(SdkTracerProvider, String)>, TelemetryError> {
     let off = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
-    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-        || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
-    if off || (otlp_endpoint.is_none() && !from_env) {
+    let Some(url) = traces_url(otlp_endpoint).filter(|_| !off) else {
         return Ok(None);
-    }
+    };
     let client = OnRuntime {
         runtime: tokio::runtime::Handle::current(),
         inner: Arc::new(HyperClient::new(connector(), export_timeout(), None)),
     };
-    let mut exporter = SpanExporter::builder()
+    let exporter = SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
-        .with_http_client(client);
-    if let Some(base) = otlp_endpoint {
-        exporter = exporter.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')));
-    }
-    let exporter = exporter.build()?;
-    Ok(Some(
-        SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource())
-            .build(),
-    ))
-}
-
-/// Where spans go, for the startup log line.
-pub(super) fn shown_endpoint(otlp_endpoint: Option<&str>) -> String {
-    match otlp_endpoint {
-        Some(base) => format!("{}/v1/traces", base.trim_end_matches('/')),
-        None => env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| format!("{b}/v1/traces")))
-            .unwrap_or_default(),
-    }
+        .with_http_client(client)
+        .with_endpoint(url.clone())
+        .build()?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource())
+        .build();
+    Ok(Some((provider, url)))
 }
 
 fn resource() -> Resource {

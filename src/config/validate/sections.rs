@@ -9,7 +9,7 @@ use crate::config::{
     bounds,
     defaults::*,
     file::{Problems, Section},
-    redact_url, AdminConfig, CertKey, ServerConfig, TelemetryConfig, TlsConfig, UpstreamConfig,
+    AdminConfig, CertKey, ServerConfig, TelemetryConfig, TlsConfig, UpstreamConfig,
 };
 
 pub(super) fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConfig> {
@@ -104,8 +104,6 @@ pub(super) fn read_server(mut s: Section, p: &mut Problems) -> Option<ServerConf
     })
 }
 
-/// Whether an authority's port, if it has one, is a number from 1 to 65535 (`http::Uri` accepts
-/// `host:abc` and then falls back to the scheme's port).
 /// `trusted_proxies`: CIDR blocks (`10.0.0.0/8`) or single addresses.
 fn trusted_proxies(s: &mut Section, p: &mut Problems) -> Option<Vec<IpNet>> {
     let Some(list) = s.take_str_list("trusted_proxies", p) else {
@@ -135,16 +133,8 @@ pub(super) fn read_upstream(mut s: Section, p: &mut Problems) -> Option<Upstream
     let raw = s
         .take_str("url", p)
         .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
-    // Never echoed with its credentials (rule 17): errors show the URL redacted.
-    let shown = redact_url(&raw);
+    // Never echoed with its credentials (rule 17): `http_url`'s errors show the URL redacted.
     let url = match http_url(&raw, "have the client send Authorization instead") {
-        Ok(u) if u.query().is_some() => {
-            p.push(
-                s.path_of("url"),
-                format!("\"{shown}\": a query is not allowed"),
-            );
-            None
-        }
         Ok(u) => Some(u),
         Err(e) => {
             p.push(s.path_of("url"), e);
@@ -224,25 +214,16 @@ pub(super) fn read_telemetry(mut s: Section, p: &mut Problems) -> Option<Telemet
     let raw = s.take_str("otlp_endpoint", p);
     let path = s.path_of("otlp_endpoint");
     s.finish(p);
-    let otlp_endpoint = match raw {
-        None => None,
-        Some(raw) => {
-            match http_url(&raw, "set OTEL_EXPORTER_OTLP_HEADERS instead") {
-                Ok(u) if u.query().is_some() => {
-                    let shown = redact_url(&raw);
-                    p.push(
-                    path,
-                    format!("\"{shown}\": a query is not allowed (spans go to {{endpoint}}/v1/traces)"),
-                );
-                    return None;
-                }
-                Ok(_) => Some(raw.trim_end_matches('/').to_owned()),
-                Err(e) => {
-                    p.push(path, e);
-                    return None;
-                }
-            }
-        }
+    let Some(raw) = raw else {
+        return Some(TelemetryConfig::default());
     };
-    Some(TelemetryConfig { otlp_endpoint })
+    match http_url(&raw, "set OTEL_EXPORTER_OTLP_HEADERS instead") {
+        Ok(_) => Some(TelemetryConfig {
+            otlp_endpoint: Some(raw.trim_end_matches('/').to_owned()),
+        }),
+        Err(e) => {
+            p.push(path, e);
+            None
+        }
+    }
 }

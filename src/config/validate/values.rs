@@ -15,8 +15,9 @@ pub(super) fn header_name(s: &str) -> Option<HeaderName> {
     HeaderName::from_bytes(s.as_bytes()).ok()
 }
 
-/// An `http://` or `https://` URL with a host, a valid port and no credentials (they would be logged;
-/// `instead` says where they belong). The error is the reason, with the URL redacted (rule 17).
+/// An `http://` or `https://` URL with a host, a valid port, no query and no credentials (they would
+/// be logged; `instead` says where they belong). The error is the reason, with the URL redacted
+/// (rule 17).
 pub(super) fn http_url(raw: &str, instead: &str) -> Result<Uri, String> {
     let shown = redact_url(raw);
     match raw.parse::<Uri>() {
@@ -31,11 +32,14 @@ pub(super) fn http_url(raw: &str, instead: &str) -> Result<Uri, String> {
         Ok(u) if !port_ok(u.authority().map_or("", |a| a.as_str())) => Err(format!(
             "\"{shown}\": the port must be a number from 1 to 65535"
         )),
+        Ok(u) if u.query().is_some() => Err(format!("\"{shown}\": a query is not allowed")),
         Ok(u) => Ok(u),
         Err(e) => Err(format!("invalid URL \"{shown}\": {e}")),
     }
 }
 
+/// Whether an authority's port, if it has one, is a number from 1 to 65535 (`http::Uri` accepts
+/// `host:abc` and then falls back to the scheme's port).
 fn port_ok(authority: &str) -> bool {
     let host_end = authority.rfind(']').map_or(0, |i| i + 1);
     match authority[host_end..].rfind(':') {
