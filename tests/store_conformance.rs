@@ -27,6 +27,7 @@ cases! {
     watch_fires_on_complete_and_release,
     sled_keeps_records_across_reopen_and_claims_survive_with_their_deadline,
     sweeper_keeps_disk_bounded_under_churn,
+    a_claim_dropped_before_it_returns_leaves_the_key_free,
 }
 
 cases! {
@@ -42,6 +43,7 @@ cases! {
     redis_records_carry_a_native_expiry_and_ttls_use_the_server_clock,
     redis_outage_fails_fast_then_recovers_and_wakes_waiters,
     redis_every_script_stays_in_one_cluster_slot,
+    redis_a_claim_dropped_while_redis_holds_it_is_released,
 }
 
 #[test]

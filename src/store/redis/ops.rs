@@ -30,10 +30,19 @@ impl RedisStore {
                 .arg(&scope)
                 .arg(&fp.0[..])
                 .arg(ms(s.expiry_margin));
+            // From here until the claim is returned, a drop (the client went away) or a failed
+            // write may leave a claim in Redis that nothing acts on: it is released by its token.
+            let mut sent = ReleaseOnDrop {
+                inner: &self.inner,
+                key: *key,
+                token,
+                armed: true,
+            };
             let (reply, unacked) = match s.conn.write(&inv).await? {
                 Written::Acked(v) => (strings(v)?, None),
                 Written::Unacked { value, got } => (strings(value)?, Some(got)),
             };
+            sent.armed = reply.first().map(Vec::as_slice) == Some(b"claimed");
             match reply.first().map(Vec::as_slice) {
                 Some(b"claimed") => {
                     if let Some(got) = unacked {
@@ -41,9 +50,11 @@ impl RedisStore {
                         // must not act on it. Freed again where possible (else it lapses at its
                         // deadline).
                         let _ = s.release_token(key, token).await;
+                        sent.armed = false;
                         return Err(s.conn.unacked(got));
                     }
                     s.own(key, token, lease);
+                    sent.armed = false;
                     return Ok(ClaimOutcome::Claimed { token });
                 }
                 Some(b"low") => {
@@ -66,6 +77,31 @@ impl RedisStore {
         Err(other_err(
             "no fencing token above the lapsed claim's could be drawn".into(),
         ))
+    }
+}
+
+/// A claim sent to Redis and not yet returned to its caller. Nothing has acted on it, so if the
+/// `claim` call is dropped (the client went away) or its write fails, it is released by its token
+/// from a task of its own: a no-op if the claim was never written. If that cannot reach Redis,
+/// the claim, which has no owner renewing it, ends with its lease.
+struct ReleaseOnDrop<'a> {
+    inner: &'a Arc<Inner>,
+    key: StoreKey,
+    token: u64,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (inner, key, token) = (Arc::clone(self.inner), self.key, self.token);
+            rt.spawn(async move {
+                let _ = inner.release_token(&key, token).await;
+            });
+        }
     }
 }
 

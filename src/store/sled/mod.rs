@@ -127,17 +127,41 @@ struct Shared {
     hook: reopen::Hook,
 }
 
-/// Abandons a claim whose `claim` call was dropped before it returned.
-struct AbandonOnDrop<'a> {
-    store: &'a SledStore,
+/// A claim written but not yet returned to its caller: nothing has acted on it, so if its sync fails
+/// or the `claim` call is dropped first (the client went away while the claim waited for its sync),
+/// it is taken back, as if it had never been made. A crash before the take-back is durable leaves the
+/// claim to its lease, as any claim of a dead owner.
+struct TakeBack<'a> {
+    inner: &'a Inner,
+    key: &'a StoreKey,
+    kb: [u8; 64],
+    /// The claim as written.
+    claim: sled::IVec,
+    /// What the key held before (a lapsed record it took over, or nothing).
+    before: Option<sled::IVec>,
     token: u64,
     armed: bool,
 }
 
-impl Drop for AbandonOnDrop<'_> {
+impl TakeBack<'_> {
+    /// Puts back what the key held before, if it still holds this claim, and wakes its waiters.
+    fn run(&mut self) {
+        self.armed = false;
+        self.inner.live.remove(self.token);
+        // If this write fails, the claim has no live owner any more and ends with its lease.
+        let _ = self.inner.cas(
+            &self.kb,
+            Some(&self.claim),
+            self.before.as_ref().map(|b| b.to_vec()),
+        );
+        self.inner.watchers.notify(self.key);
+    }
+}
+
+impl Drop for TakeBack<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.store.abandon(self.token);
+            self.run();
         }
     }
 }

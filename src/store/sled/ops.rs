@@ -110,22 +110,23 @@ impl SledStore {
                     return Err(e);
                 }
             };
-            // If this future is dropped while it waits (the client went away), the claim must not
-            // stay "owned by a live process" forever: the guard abandons it to its lease.
-            let mut guard = AbandonOnDrop {
-                store: self,
+            // Until the claim is durable and returned, nothing has acted on it: if its sync fails,
+            // or this future is dropped while it waits (the client went away), the claim is taken
+            // back, so the client's retry is forwarded at once instead of refused for a lease.
+            let mut take_back = TakeBack {
+                inner: s,
+                key,
+                kb,
+                claim: encoded,
+                before: cur,
                 token,
                 armed: true,
             };
-            let durable = s.durable_claim(seq).await;
-            guard.armed = false;
-            if let Err(e) = durable {
-                // Not durable: take the claim back so the client's retry is not refused for a lease.
-                s.live.remove(token);
-                let _ = s.cas(&kb, Some(&encoded), cur.map(|c| c.to_vec()));
-                s.watchers.notify(key);
+            if let Err(e) = s.durable_claim(seq).await {
+                take_back.run();
                 return Err(e);
             }
+            take_back.armed = false;
             return Ok(ClaimOutcome::Claimed { token });
         }
     }

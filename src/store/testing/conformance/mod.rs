@@ -303,6 +303,51 @@ pub async fn watch_fires_on_complete_and_release() {
     }
 }
 
+/// A claim whose call is dropped before it returns (the client went away while the claim waited for
+/// its sync, or for Redis) was never acted on: the key is free again, and a retry takes it at once
+/// (sled), or as soon as the dropped claim's release reaches Redis, instead of after the lease.
+pub async fn a_claim_dropped_before_it_returns_leaves_the_key_free() {
+    let mut dropped = 0;
+    for (s, _, _d) in stores() {
+        let fp = Fingerprint([1; 32]);
+        for n in 0..8 {
+            let k = key(20 + n, 0);
+            let mut w = s.watch(&k);
+            let first = {
+                let mut claim = s.claim(&k, fp, LEASE);
+                // One poll, then the call is dropped if it has not returned.
+                tokio::select! {
+                    biased;
+                    o = &mut claim => Some(o),
+                    () = std::future::ready(()) => None,
+                }
+            };
+            if let Some(o) = first {
+                // Nothing to wait for (memory, sled "periodic"): the claim was returned.
+                token(o.unwrap());
+                continue;
+            }
+            dropped += 1;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match s.claim(&k, fp, LEASE).await.unwrap() {
+                    ClaimOutcome::Claimed { .. } => break,
+                    ClaimOutcome::InFlight { .. } => {
+                        tokio::time::timeout_at(deadline, w.changed())
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!("{}: the dropped claim still holds the key", s.backend())
+                            });
+                        w = s.watch(&k);
+                    }
+                    o => panic!("{}: {o:?}", s.backend()),
+                }
+            }
+        }
+    }
+    assert!(dropped > 0, "no claim call was dropped before it returned");
+}
+
 pub async fn concurrent_claimers_exactly_one_wins() {
     for (s, _, _d) in stores() {
         let k = key(10, 0);

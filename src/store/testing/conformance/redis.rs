@@ -288,3 +288,51 @@ pub async fn redis_every_script_stays_in_one_cluster_slot() {
     assert_eq!(b.purge(&k1.id).await.unwrap(), 2);
     assert!(a.list(&k1.id).await.unwrap().is_empty());
 }
+
+fn signal(server: &RedisServer, sig: &str) {
+    let pid = server.pid().expect("redis-server runs").to_string();
+    assert!(std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill runs")
+        .success());
+}
+
+/// A claim call dropped while Redis holds its request (the client went away) was never acted on: it
+/// is released by its token, so the retry takes the key as soon as Redis answers again, not after
+/// the lease.
+pub async fn redis_a_claim_dropped_while_redis_holds_it_is_released() {
+    if skip_redis() {
+        return;
+    }
+    // A server of its own: this test freezes it.
+    let server = RedisServer::start();
+    let s = replica(&server, "dropped:");
+    assert!(s.wait_subscribed(Duration::from_secs(10)).await);
+    let fp = Fingerprint([1; 32]);
+    // A first claim draws the block of fencing tokens, so the next one sends its script at once.
+    token(s.claim(&key(38, 0), fp, LEASE).await.unwrap());
+    let k = key(37, 0);
+    let mut w = s.watch(&k);
+    signal(&server, "-STOP");
+    let dropped = tokio::time::timeout(Duration::from_millis(300), s.claim(&k, fp, LEASE)).await;
+    signal(&server, "-CONT");
+    assert!(
+        dropped.is_err(),
+        "a claim returned with Redis frozen: {dropped:?}"
+    );
+    // Redis now runs the claim, then its release (one connection, in order).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.claim(&k, fp, LEASE).await.unwrap() {
+            ClaimOutcome::Claimed { .. } => break,
+            ClaimOutcome::InFlight { .. } => {
+                tokio::time::timeout_at(deadline, w.changed())
+                    .await
+                    .expect("the dropped claim still holds the key");
+                w = s.watch(&k);
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+}
