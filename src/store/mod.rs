@@ -5,8 +5,10 @@
 //!              claim (atomic)                 complete(token) — token must match
 //!   Absent ───────────────────▶ InFlight ─────────────────────────────▶ Completed
 //!     ▲                          │   │  ▲                                   │
-//!     │  release(token)          │   │  │ claim after the lease deadline,   │
-//!     ├──────────────────────────┘   │  │ owner gone: takeover, NEW token   │
+//!     │  release(token), or the  │   │  │ claim after the lease deadline,   │
+//!     │  claim call dropped      │   │  │ owner gone: takeover, NEW token   │
+//!     │  before it returned      │   │  │                                   │
+//!     ├──────────────────────────┘   │  │                                   │
 //!     │                              └──┘                                   │
 //!     │            TTL passed (reads treat it as Absent; the sweeper deletes)│
 //!     └─────────────────────────────────────────────────────────────────────┘
@@ -137,7 +139,8 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: StoreAdmin + StoreUpkeep + Send + Sync + Debug + 'static {
     /// Atomically claims `key` for a request with fingerprint `fp`, or says who has it (and, for a
-    /// completed key, its result: the replay needs no second read).
+    /// completed key, its result: the replay needs no second read). A call dropped before it returns
+    /// (the client went away) leaves no claim behind once the store has caught up: nothing acted on it.
     async fn claim(
         &self,
         key: &StoreKey,
