@@ -228,7 +228,21 @@ const TTL: Duration = Duration::from_secs(60);
 async fn writes_wait_for_a_replica_and_fail_without_one() {
     let primary = node();
     let replica = replica_of(&primary).await;
-    let store = RedisStore::open(&options(&primary.url(), 1)).unwrap();
+    // The primary counts the replica for WAIT once it has it online.
+    eventually(
+        Duration::from_secs(10),
+        "the primary to have its replica online",
+        || async {
+            info(&primary, "slave0")
+                .is_some_and(|v| v.contains("state=online"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Room for a replica slowed by tests running beside this one (WAIT gets 3/4 of it).
+    let mut opts = options(&primary.url(), 1);
+    opts.op_timeout = Duration::from_secs(2);
+    let store = RedisStore::open(&opts).unwrap();
     let on_replica = RedisStore::open(&options(&replica.url(), 0)).unwrap();
 
     let ClaimOutcome::Claimed { token } = store

@@ -25,7 +25,7 @@ use crate::store::{
     memory::MemoryStore,
     redis::{RedisOptions, RedisStore},
     sled::open_default,
-    ClaimOutcome, Committed, NewResult, Record, Store, StoreError,
+    ClaimOutcome, Committed, KeyWatch, NewResult, Record, Store, StoreError,
 };
 use crate::{
     clock::{Clock, ManualClock},
@@ -312,7 +312,7 @@ pub async fn a_claim_dropped_before_it_returns_leaves_the_key_free() {
         let fp = Fingerprint([1; 32]);
         for n in 0..8 {
             let k = key(20 + n, 0);
-            let mut w = s.watch(&k);
+            let w = s.watch(&k);
             let first = {
                 let mut claim = s.claim(&k, fp, LEASE);
                 // One poll, then the call is dropped if it has not returned.
@@ -328,24 +328,30 @@ pub async fn a_claim_dropped_before_it_returns_leaves_the_key_free() {
                 continue;
             }
             dropped += 1;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            loop {
-                match s.claim(&k, fp, LEASE).await.unwrap() {
-                    ClaimOutcome::Claimed { .. } => break,
-                    ClaimOutcome::InFlight { .. } => {
-                        tokio::time::timeout_at(deadline, w.changed())
-                            .await
-                            .unwrap_or_else(|_| {
-                                panic!("{}: the dropped claim still holds the key", s.backend())
-                            });
-                        w = s.watch(&k);
-                    }
-                    o => panic!("{}: {o:?}", s.backend()),
-                }
-            }
+            claimed_once_freed(&*s, &k, w).await;
         }
     }
     assert!(dropped > 0, "no claim call was dropped before it returned");
+}
+
+/// Claims `k` until it is ours, within 5 s: a claim that finds it in flight waits for `w` (subscribed
+/// before the claim that was dropped) to say the key changed, then tries again.
+async fn claimed_once_freed(s: &dyn Store, k: &StoreKey, mut w: KeyWatch) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.claim(k, Fingerprint([1; 32]), LEASE).await.unwrap() {
+            ClaimOutcome::Claimed { .. } => return,
+            ClaimOutcome::InFlight { .. } => {
+                tokio::time::timeout_at(deadline, w.changed())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("{}: the dropped claim still holds the key", s.backend())
+                    });
+                w = s.watch(k);
+            }
+            o => panic!("{}: {o:?}", s.backend()),
+        }
+    }
 }
 
 pub async fn concurrent_claimers_exactly_one_wins() {

@@ -313,7 +313,7 @@ pub async fn redis_a_claim_dropped_while_redis_holds_it_is_released() {
     // A first claim draws the block of fencing tokens, so the next one sends its script at once.
     token(s.claim(&key(38, 0), fp, LEASE).await.unwrap());
     let k = key(37, 0);
-    let mut w = s.watch(&k);
+    let w = s.watch(&k);
     signal(&server, "-STOP");
     let dropped = tokio::time::timeout(Duration::from_millis(300), s.claim(&k, fp, LEASE)).await;
     signal(&server, "-CONT");
@@ -322,17 +322,5 @@ pub async fn redis_a_claim_dropped_while_redis_holds_it_is_released() {
         "a claim returned with Redis frozen: {dropped:?}"
     );
     // Redis now runs the claim, then its release (one connection, in order).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match s.claim(&k, fp, LEASE).await.unwrap() {
-            ClaimOutcome::Claimed { .. } => break,
-            ClaimOutcome::InFlight { .. } => {
-                tokio::time::timeout_at(deadline, w.changed())
-                    .await
-                    .expect("the dropped claim still holds the key");
-                w = s.watch(&k);
-            }
-            o => panic!("{o:?}"),
-        }
-    }
+    claimed_once_freed(&s, &k, w).await;
 }
