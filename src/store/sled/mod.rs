@@ -134,7 +134,6 @@ struct Shared {
 struct TakeBack<'a> {
     inner: &'a Inner,
     key: &'a StoreKey,
-    kb: [u8; 64],
     /// The claim as written.
     claim: sled::IVec,
     /// What the key held before (a lapsed record it took over, or nothing).
@@ -150,7 +149,7 @@ impl TakeBack<'_> {
         self.inner.live.remove(self.token);
         // If this write fails, the claim has no live owner any more and ends with its lease.
         let _ = self.inner.cas(
-            &self.kb,
+            &self.key.to_bytes(),
             Some(&self.claim),
             self.before.as_ref().map(|b| b.to_vec()),
         );

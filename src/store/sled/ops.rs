@@ -116,7 +116,6 @@ impl SledStore {
             let mut take_back = TakeBack {
                 inner: s,
                 key,
-                kb,
                 claim: encoded,
                 before: cur,
                 token,
